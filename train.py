@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Train a student, alone or distilled from a frozen teacher of another architecture.
+
+    python train.py DATA --config configs/cifar/cnn.yaml --model resnet18 \
+        --teacher swin_tiny_patch4_window7_224 --teacher-pretrained teacher.pth --num-classes 100 \
+        --distiller ofa --ofa-eps 1.0
+
+Launch with torchrun or `python -m torch.distributed.launch --nproc_per_node=N` for several processes;
+`--batch-size` is per process. See README.md.
+"""
+import logging
+import os
+import sys
+
+import torch
+import yaml
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+
+import distillers
+from xkd import checkpoint, data, distributed, engine, models
+from xkd.config import check_args, parse_args, run_arguments
+from xkd.errors import UserError
+from xkd.logger import RunRecorder, setup_logging
+from xkd.run import output_folder, resolve_input_size, run_cli, seed_everything
+
+_logger = logging.getLogger('train')
+
+
+def check_inputs(args, distiller_class):
+    """Everything that can be checked before a model is built or a file is read in full."""
+    models.check_model_name(args.model)
+    if distiller_class.requires_teacher:
+        if not args.teacher:
+            raise UserError(f"--distiller {args.distiller} needs --teacher (a timm model name)")
+        models.check_model_name(args.teacher, '--teacher')
+        if args.teacher_pretrained and not os.path.isfile(args.teacher_pretrained):
+            raise UserError(f"--teacher-pretrained '{args.teacher_pretrained}' does not exist")
+    if args.amp and args.amp_dtype == 'float16' and args.device_type != 'cuda':
+        raise UserError('--amp-dtype float16 needs a GPU; on CPU use --amp --amp-dtype bfloat16')
+    if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):
+        raise UserError(f"--resume '{args.resume}' does not exist (use --resume auto to continue the run "
+                        f"in --output/--experiment when it has a last.pth.tar)")
+
+
+def create_criterion(args):
+    if args.mixup > 0 or args.cutmix > 0:
+        return SoftTargetCrossEntropy()  # mixup's targets already carry the label smoothing
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    distiller_class = distillers.get_distiller(args.distiller)
+    env = distributed.init_distributed(args.local_rank, args.device)
+    args.device_type = env.device.type
+    args.amp_dtype = args.amp_dtype or ('float16' if env.device.type == 'cuda' else 'bfloat16')
+    args.world_size = env.world_size
+    check_inputs(args, distiller_class)
+
+    train_set, val_set = data.create_datasets(args)
+    args.num_classes = args.num_classes or data.dataset_num_classes(args, train_set)
+    args.input_size = resolve_input_size(args, args.model)
+
+    args.output_dir = output_folder(args)
+    if env.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+    setup_logging(args.output_dir, env.is_main)
+    resume_path = checkpoint.resolve_resume(args.resume, args.output_dir)
+    _logger.info(f'Run folder {args.output_dir}; {env.world_size} process(es) on {env.device.type}, '
+                 f'batch {args.batch_size} per process ({args.batch_size * env.world_size} in all)')
+    seed_everything(args.seed + env.rank)
+
+    student = models.create_model(args.model, args.num_classes, args.input_size, pretrained=args.pretrained,
+                                  pretrained_path=args.pretrained_path, drop_rate=args.drop,
+                                  **({'drop_path_rate': args.drop_path} if args.drop_path is not None else {}),
+                                  **args.model_kwargs)
+    teacher = models.create_teacher(args) if distiller_class.requires_teacher else None
+    try:
+        distiller = distiller_class(student, teacher, create_criterion(args), args)
+    except ValueError as e:
+        raise UserError(f'--distiller {args.distiller}: {e}') from None
+    distiller.to(env.device)
+    if teacher is not None:
+        teacher.to(env.device)
+    if args.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
+    if args.sync_bn and env.distributed:
+        distiller.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
+
+    train_transform, val_transform = data.create_transforms(args)
+    train_loader = data.create_train_loader(data.TransformedDataset(train_set, train_transform), args,
+                                            env.rank, env.world_size)
+    val_loader = data.create_eval_loader(data.TransformedDataset(val_set, val_transform),
+                                         args.validation_batch_size or args.batch_size, args.workers,
+                                         env.rank, env.world_size, args.pin_mem)
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.num_classes)
+
+    optimizer = create_optimizer_v2(distiller, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum,
+                                    **{k: v for k, v in (('eps', args.opt_eps), ('betas', args.opt_betas))
+                                       if v is not None})
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate,
+        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+        step_on_epochs=not args.sched_on_updates, updates_per_epoch=len(train_loader))
+    scaler = torch.amp.GradScaler('cuda') if args.amp and args.amp_dtype == 'float16' else None
+    model_ema = ModelEmaV3(distiller.student, decay=args.model_ema_decay) if args.model_ema else None
+
+    saver = None
+    if env.is_main:
+        saver = checkpoint.DistillationSaver(distiller, optimizer, scheduler, args, model_ema, scaler,
+                                            args.output_dir, args.checkpoint_hist)
+    start_epoch = 0
+    if resume_path:
+        start_epoch = checkpoint.resume(resume_path, distiller, optimizer, scheduler, model_ema, scaler, saver)
+        scheduler.step(start_epoch)
+        _logger.info(f'Resumed from {resume_path} at epoch {start_epoch}')
+    if env.is_main:
+        with open(os.path.join(args.output_dir, 'args.yaml'), 'w') as f:
+            yaml.safe_dump(run_arguments(args), f)
+
+    student_params = models.count_parameters(distiller.student.parameters())
+    extra_params = models.count_parameters(distiller.extra_parameters())
+    _logger.info(f'Student {args.model}: {student_params / 1e6:.3f} M parameters; '
+                 f'{args.distiller} extra modules: {extra_params / 1e6:.3f} M parameters')
+    if teacher is not None:
+        _logger.info(f'Teacher {args.teacher}: {models.count_parameters(teacher.parameters()) / 1e6:.3f} M '
+                     f'parameters (frozen)')
+        if args.eval_teacher:
+            teacher_metrics = engine.evaluate(teacher, val_loader, args, env)
+            _logger.info(f"Teacher top-1 {teacher_metrics['top1']:.2f} top-5 {teacher_metrics['top5']:.2f} "
+                         f"on {teacher_metrics['count']} validation images")
+
+    model = distiller
+    if env.distributed:
+        # Only the trainable part (student and extra modules) is wrapped; the teacher is not a child module.
+        model = DistributedDataParallel(distiller, device_ids=[env.local_rank] if env.device.type == 'cuda' else None)
+    recorder = RunRecorder(args.output_dir, env.is_main)
+    best = (None, None)
+    last_metrics = None
+    last_checkpoint = resume_path
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            # Every epoch's randomness depends only on (seed, epoch, rank), so a resumed run repeats it exactly.
+            seed_everything(args.seed + 1000 * epoch + env.rank)
+            train_loader.sampler.set_epoch(epoch)
+            train_loader.generator.manual_seed(args.seed + epoch)
+            lr = optimizer.param_groups[0]['lr']
+            train_metrics = engine.train_one_epoch(epoch, model, distiller, train_loader, optimizer, scheduler,
+                                                   args, env, mixup_fn, scaler, model_ema, recorder,
+                                                   last_checkpoint)
+            eval_metrics = {'loss': '', 'top1': '', 'top5': ''}
+            if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
+                metrics = engine.evaluate(distiller.student, val_loader, args, env)
+                eval_metrics = {k: metrics[k] for k in ('loss', 'top1', 'top5')}
+                last_metrics = (eval_metrics['top1'], epoch)
+                if model_ema is not None:
+                    ema_metrics = engine.evaluate(model_ema.module, val_loader, args, env)
+                    eval_metrics['ema_top1'] = ema_metrics['top1']
+                _logger.info(f"Eval: {epoch}  loss {eval_metrics['loss']:.4f}  top-1 {eval_metrics['top1']:.2f}  "
+                             f"top-5 {eval_metrics['top5']:.2f}")
+            elif model_ema is not None:
+                eval_metrics['ema_top1'] = ''
+            scheduler.step(epoch + 1, eval_metrics['top1'] if eval_metrics['top1'] != '' else None)
+            recorder.epoch(epoch, train_metrics, eval_metrics, lr)
+            if saver is not None:
+                metric = eval_metrics['top1'] if eval_metrics['top1'] != '' else None
+                best = saver.save_checkpoint(epoch, metric=metric)
+                last_checkpoint = os.path.join(args.output_dir, checkpoint.LAST)
+            distributed.barrier(env)
+    finally:
+        recorder.close()
+    if env.is_main and last_metrics is not None:
+        best_metric, best_epoch = best if best[0] is not None else last_metrics
+        _logger.info(f'Best top-1 {best_metric:.2f} (epoch {best_epoch}); last top-1 {last_metrics[0]:.2f} '
+                     f'(epoch {last_metrics[1]}); run folder {args.output_dir}')
+    distributed.cleanup(env)
+    return {'best_top1': best[0], 'best_epoch': best[1],
+            'last_top1': last_metrics[0] if last_metrics else None, 'output_dir': args.output_dir}
+
+
+if __name__ == '__main__':
+    sys.exit(run_cli(main))

@@ -1,0 +1,245 @@
+"""Flags, YAML defaults and argument checks.
+
+As in timm's train.py: `--config` names a YAML file whose keys become argparse defaults, and the command
+line wins over it. Unlike timm, a YAML key that no flag knows is an error, so a typo in a recipe cannot
+silently fall back to a default.
+"""
+import argparse
+import difflib
+import os
+
+import yaml
+
+import distillers
+from .errors import UserError
+
+DATASETS = ('cifar100', 'imagenet', 'folder', 'digits', 'fake')
+
+
+class ParseKwargs(argparse.Action):
+    """`--model-kwargs depth=6 embed_dim=96` -> {'depth': 6, 'embed_dim': 96} (values parsed as YAML)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kwargs = {}
+        for item in values:
+            if '=' not in item:
+                parser.error(f"{option_string} expects key=value pairs, got '{item}'")
+            key, value = item.split('=', 1)
+            kwargs[key] = yaml.safe_load(value)
+        setattr(namespace, self.dest, kwargs)
+
+
+def add_data_arguments(parser):
+    group = parser.add_argument_group('Data')
+    group.add_argument('data_dir', nargs='?', default='', metavar='DATA',
+                       help='dataset folder (not needed for --dataset digits or fake)')
+    group.add_argument('--dataset', default='imagenet', choices=DATASETS,
+                       help='cifar100: torchvision CIFAR-100 files; imagenet/folder: DATA/train and DATA/val '
+                            'ImageFolders; digits: scikit-learn digits (offline); fake: synthetic images')
+    group.add_argument('--dataset-download', action='store_true',
+                       help='download CIFAR-100 into DATA if it is missing (needs network)')
+    group.add_argument('--fake-samples', type=int, default=256, help='training images of --dataset fake')
+    group.add_argument('--train-subset', type=int, default=0,
+                       help='train on a fixed subset of this many images (0: all)')
+    group.add_argument('--num-classes', type=int, default=None, help='classes (default: the dataset\'s)')
+    group.add_argument('--input-size', type=int, nargs=3, default=None, metavar='N',
+                       help='input image size C H W (default: the student\'s)')
+    group.add_argument('--img-size', type=int, default=None, help='input image size (square)')
+    group.add_argument('--crop-pct', type=float, default=None, help='eval centre-crop fraction')
+    group.add_argument('--mean', type=float, nargs=3, default=None, help='normalisation mean (default: dataset\'s)')
+    group.add_argument('--std', type=float, nargs=3, default=None, help='normalisation std (default: dataset\'s)')
+    group.add_argument('--interpolation', default='bilinear', help='resize interpolation for evaluation')
+    group.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per process')
+    group.add_argument('-vb', '--validation-batch-size', type=int, default=None,
+                       help='evaluation batch size per process (default: --batch-size)')
+    group.add_argument('-j', '--workers', type=int, default=4, help='data loading processes per training process')
+    group.add_argument('--pin-mem', action='store_true', help='pin loader memory (faster host-to-GPU copies)')
+    return group
+
+
+def add_runtime_arguments(parser):
+    group = parser.add_argument_group('Runtime')
+    group.add_argument('--amp', action='store_true', help='mixed precision (autocast), on GPU and CPU')
+    group.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
+                       help='autocast dtype (default: float16 on GPU, with a gradient scaler; bfloat16 on CPU)')
+    group.add_argument('--channels-last', action='store_true', help='channels-last memory format')
+    group.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    group.add_argument('--local-rank', '--local_rank', type=int, default=None, dest='local_rank',
+                       help='set by torch.distributed.launch; the LOCAL_RANK variable is used otherwise')
+    group.add_argument('--seed', type=int, default=42, help='random seed')
+    return group
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description='Cross-architecture knowledge distillation (OFA, RSD, HCD, KD, DKD, DIST) on timm models.')
+    parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of flag defaults')
+    add_data_arguments(parser)
+
+    group = parser.add_argument_group('Models')
+    group.add_argument('--model', default='resnet18', help='student: a timm model name')
+    group.add_argument('--pretrained', action='store_true', help='start the student from pretrained weights')
+    group.add_argument('--pretrained-path', default='',
+                       help='local file for --pretrained (instead of the timm hub)')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='extra keyword arguments for the student, key=value')
+    group.add_argument('--drop', type=float, default=0.0, help='student dropout rate')
+    group.add_argument('--drop-path', type=float, default=None, help='student drop-path rate')
+    group.add_argument('--teacher', default='', help='teacher: a timm model name')
+    group.add_argument('--teacher-pretrained', default='', metavar='FILE', help='teacher weights file')
+    group.add_argument('--teacher-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='extra keyword arguments for the teacher, key=value')
+    group.add_argument('--eval-teacher', action='store_true',
+                       help='evaluate the teacher on the validation set before training')
+    group.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm for the student (distributed)')
+
+    group = parser.add_argument_group('Distillation')
+    group.add_argument('--distiller', default='vanilla',
+                       help=f'method: one of {", ".join(distillers.distiller_names())}')
+    group.add_argument('--gt-loss-weight', type=float, default=1.0, help='weight of the ground-truth loss')
+    group.add_argument('--kd-loss-weight', type=float, default=1.0, help='weight of the logit distillation loss')
+    group.add_argument('--kd-temperature', type=float, default=1.0, help='temperature of KD')
+    for name in distillers.distiller_names():
+        distillers.get_distiller(name).add_arguments(parser.add_argument_group(f'{name} distiller'))
+
+    group = parser.add_argument_group('Optimizer and schedule')
+    group.add_argument('--epochs', type=int, default=300)
+    group.add_argument('--opt', default='sgd', help='timm optimizer name (sgd is Nesterov SGD)')
+    group.add_argument('--opt-eps', type=float, default=None)
+    group.add_argument('--opt-betas', type=float, nargs='+', default=None)
+    group.add_argument('--momentum', type=float, default=0.9)
+    group.add_argument('--weight-decay', type=float, default=2e-5)
+    group.add_argument('--clip-grad', type=float, default=None, help='gradient clipping threshold')
+    group.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'))
+    group.add_argument('--lr', type=float, default=0.05, help='learning rate (for the per-process batch times '
+                                                              'the world size; scale it yourself)')
+    group.add_argument('--sched', default='cosine', help='timm scheduler name')
+    group.add_argument('--sched-on-updates', action='store_true', help='step the schedule every update')
+    group.add_argument('--min-lr', type=float, default=1e-6)
+    group.add_argument('--warmup-lr', type=float, default=1e-5)
+    group.add_argument('--warmup-epochs', type=int, default=0)
+    group.add_argument('--cooldown-epochs', type=int, default=0)
+    group.add_argument('--decay-epochs', type=float, default=90)
+    group.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270])
+    group.add_argument('--decay-rate', type=float, default=0.1)
+
+    group = parser.add_argument_group('Augmentation and regularisation')
+    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (0: off)')
+    group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (0: off)')
+    group.add_argument('--mixup-prob', type=float, default=1.0)
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'))
+    group.add_argument('--aa', default=None, help='timm AutoAugment/RandAugment policy, e.g. rand-m9-mstd0.5-inc1')
+    group.add_argument('--reprob', type=float, default=0.0, help='random erasing probability')
+    group.add_argument('--remode', default='pixel')
+    group.add_argument('--recount', type=int, default=1)
+    group.add_argument('--color-jitter', type=float, default=0.4)
+    group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    group.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='random-resized-crop scale')
+    group.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], help='random-resized-crop ratio')
+    group.add_argument('--train-interpolation', default='random')
+    group.add_argument('--model-ema', action='store_true', help='keep an EMA of the student weights')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998)
+
+    group = parser.add_argument_group('Output and checkpoints')
+    group.add_argument('--output', default='./output', help='parent folder of the run folders')
+    group.add_argument('--experiment', default='', help='run folder name (default: from dataset, method, models)')
+    group.add_argument('--resume', default='', metavar='PATH',
+                       help="checkpoint to continue from, or 'auto' for the run's last.pth.tar")
+    group.add_argument('--checkpoint-hist', type=int, default=3, help='how many best checkpoints to keep')
+    group.add_argument('--log-interval', type=int, default=50, help='steps between progress lines')
+    group.add_argument('--eval-interval', type=int, default=1, help='epochs between evaluations')
+
+    add_runtime_arguments(parser)
+    return parser
+
+
+def load_yaml(path):
+    """Read a YAML mapping; a parse error names the file and line."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file '{path}' does not exist")
+    with open(path) as f:
+        try:
+            config = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, 'problem_mark', None)
+            where = f' line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+            problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+            raise UserError(f"config '{path}'{where}: YAML does not parse ({problem})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UserError(f"config '{path}' must be a mapping of flag names to values, got {type(config).__name__}")
+    return config
+
+
+def yaml_defaults(parser, path):
+    """Turn a YAML file into argparse defaults, rejecting keys that no flag knows."""
+    known = {action.dest for action in parser._actions} - {'help', 'config'}
+    defaults = {}
+    for key, value in load_yaml(path).items():
+        dest = str(key).replace('-', '_')
+        if dest in DERIVED_KEYS:
+            continue
+        if dest not in known:
+            close = difflib.get_close_matches(dest, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else '; see train.py --help for the flags'
+            raise UserError(f"config '{path}': unknown key '{key}' (no flag --{dest.replace('_', '-')}){hint}")
+        defaults[dest] = value
+    return defaults
+
+
+# Filled in by train.py after parsing; kept out of args.yaml so that the file works as a --config.
+DERIVED_KEYS = ('device_type', 'world_size', 'output_dir', 'config', 'local_rank')
+
+
+def run_arguments(args):
+    """The merged arguments as plain YAML-able values, for args.yaml."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k not in DERIVED_KEYS}
+
+
+def parse_args(argv=None, parser=None):
+    """Merge `--config` YAML defaults with the command line; the command line wins."""
+    parser = parser or build_parser()
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument('-c', '--config', default='')
+    known, _ = config_parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**yaml_defaults(parser, known.config))
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    """Range checks on the merged arguments, before anything heavy is built."""
+    if args.dataset not in DATASETS:
+        raise UserError(f"unknown dataset type '{args.dataset}'; known: {', '.join(DATASETS)}")
+    try:
+        distiller_class = distillers.get_distiller(args.distiller)
+    except distillers.UnknownDistillerError as e:
+        raise UserError(str(e)) from None
+    positive = {'epochs': args.epochs, 'batch_size': args.batch_size, 'log_interval': args.log_interval,
+                'eval_interval': args.eval_interval, 'checkpoint_hist': args.checkpoint_hist,
+                'fake_samples': args.fake_samples}
+    for name, value in positive.items():
+        if value is None or value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    non_negative = {'lr': args.lr, 'weight_decay': args.weight_decay, 'warmup_epochs': args.warmup_epochs,
+                    'smoothing': args.smoothing, 'mixup': args.mixup, 'cutmix': args.cutmix,
+                    'reprob': args.reprob, 'workers': args.workers, 'train_subset': args.train_subset,
+                    'gt_loss_weight': args.gt_loss_weight, 'kd_loss_weight': args.kd_loss_weight}
+    for name, value in non_negative.items():
+        if value is not None and value < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if args.kd_temperature <= 0:
+        raise UserError(f'--kd-temperature must be positive, got {args.kd_temperature}')
+    if not 0 <= args.smoothing < 1:
+        raise UserError(f'--smoothing must be in [0, 1), got {args.smoothing}')
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f'--num-classes must be positive, got {args.num_classes}')
+    if args.model_ema and not 0 < args.model_ema_decay < 1:
+        raise UserError(f'--model-ema-decay must be in (0, 1), got {args.model_ema_decay}')
+    try:
+        distiller_class.check_args(args)
+    except ValueError as e:
+        raise UserError(str(e)) from None

@@ -1,0 +1,72 @@
+"""Process-group set-up.
+
+Rank, world size and local rank come from the environment: torchrun and torch.distributed.launch set
+RANK / WORLD_SIZE / LOCAL_RANK (launch also passes --local-rank), and a SLURM allocation sets
+SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID. NCCL on GPUs, Gloo on CPU.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def _env_int(*names):
+    for name in names:
+        if os.environ.get(name, '') != '':
+            return int(os.environ[name])
+    return None
+
+
+def init_distributed(local_rank_flag=None, device=None):
+    """Read the launcher's environment, pick the device, and join the process group when world size > 1."""
+    world_size = _env_int('WORLD_SIZE', 'SLURM_NTASKS') or 1
+    rank = _env_int('RANK', 'SLURM_PROCID') or 0
+    local_rank = _env_int('LOCAL_RANK', 'SLURM_LOCALID')
+    if local_rank is None:
+        local_rank = local_rank_flag if local_rank_flag is not None else 0
+    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith('cuda')
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device('cuda', local_rank)
+    else:
+        device = torch.device('cpu')
+    env = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    if env.distributed and not dist.is_initialized():
+        # SLURM's srun sets no rendezvous address; a single-node allocation can use the defaults.
+        os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
+        os.environ.setdefault('MASTER_PORT', '29500')
+        dist.init_process_group(backend='nccl' if use_cuda else 'gloo', rank=rank, world_size=world_size)
+    return env
+
+
+def all_reduce_sum(tensor, env):
+    if env.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(env):
+    if env.distributed:
+        dist.barrier()
+
+
+def cleanup(env):
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()

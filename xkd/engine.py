@@ -1,0 +1,137 @@
+"""The training epoch and the evaluation loop.
+
+Loss values stay on the device during the epoch; they are read (one synchronisation) only every
+`--log-interval` steps and at the end of the epoch. A non-finite loss is caught at those reads, before
+the next checkpoint is written, so the last checkpoint on disk is always a good one.
+"""
+import logging
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from timm.utils import dispatch_clip_grad
+
+from .distributed import all_reduce_sum
+from .errors import UserError
+
+_logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+def autocast_context(args, device):
+    if not args.amp:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, args.amp_dtype))
+
+
+def format_eta(seconds):
+    seconds = int(max(seconds, 0))
+    return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args, env, mixup_fn=None,
+                    scaler=None, model_ema=None, recorder=None, last_checkpoint=''):
+    """One pass over `loader`; `model` is the distiller, wrapped by DDP when distributed.
+
+    Returns the epoch's mean of each weighted loss term and of their sum, `loss`.
+    """
+    model.train()
+    steps = len(loader)
+    sums, count = {}, 0
+    interval_images, interval_start = 0, time.time()
+    epoch_start = time.time()
+    for step, (images, targets) in enumerate(loader):
+        images = images.to(env.device, non_blocking=True)
+        targets = targets.to(env.device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+
+        with autocast_context(args, env.device):
+            _, losses = model(images, targets, epoch=epoch)
+        losses = {key: value.float() for key, value in losses.items()}
+        loss = sum(losses.values())
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if args.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                dispatch_clip_grad(distiller.parameters(), args.clip_grad, mode=args.clip_mode)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if args.clip_grad is not None:
+                dispatch_clip_grad(distiller.parameters(), args.clip_grad, mode=args.clip_mode)
+            optimizer.step()
+        if model_ema is not None:
+            model_ema.update(distiller.student, step=epoch * steps + step)
+
+        detached = {'loss': loss.detach(), **{key: value.detach() for key, value in losses.items()}}
+        for key, value in detached.items():
+            sums[key] = sums[key] + value if key in sums else value.clone()
+        count += 1
+        interval_images += images.shape[0] * env.world_size
+        num_updates = epoch * steps + step + 1
+        scheduler.step_update(num_updates=num_updates)
+
+        last_step = step + 1 == steps
+        if (step + 1) % args.log_interval == 0 or last_step:
+            values = {key: value.item() for key, value in detached.items()}
+            check_finite(values, epoch, step, steps, last_checkpoint)
+            lr = optimizer.param_groups[0]['lr']
+            elapsed = time.time() - interval_start
+            rate = interval_images / max(elapsed, 1e-9)
+            eta = (time.time() - epoch_start) / (step + 1) * (steps - step - 1)
+            terms = '  '.join(f'{key} {value:.4f}' for key, value in values.items())
+            _logger.info(f'Train: {epoch} [{step + 1:>{len(str(steps))}}/{steps}]  {terms}  lr {lr:.3e}  '
+                         f'{rate:.1f} img/s  ETA {format_eta(eta)}')
+            if recorder is not None:
+                recorder.step(num_updates, values, lr)
+            interval_images, interval_start = 0, time.time()
+
+    means = {key: value / count for key, value in sums.items()}
+    means = {key: all_reduce_sum(value.clone(), env).item() / env.world_size for key, value in means.items()}
+    check_finite(means, epoch, steps - 1, steps, last_checkpoint)
+    return means
+
+
+def check_finite(values, epoch, step, steps, last_checkpoint):
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    terms = ', '.join(f'{key}={value:.4g}' for key, value in values.items())
+    where = f"the last good checkpoint is '{last_checkpoint}'" if last_checkpoint else 'no checkpoint was written yet'
+    raise NonFiniteLossError(f'loss became non-finite by epoch {epoch} step {step + 1}/{steps} ({terms}); '
+                             f'stopped instead of training on garbage; {where}. '
+                             f'Lower --lr, set --clip-grad, or check the teacher weights')
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, env):
+    """Top-1, top-5 and mean cross-entropy over the whole set; each rank takes a shard, the sums are reduced."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss sum, top1 hits, top5 hits, count
+    for images, targets in loader:
+        images = images.to(env.device, non_blocking=True)
+        targets = targets.to(env.device, non_blocking=True)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(args, env.device):
+            logits = model(images)
+        logits = logits.float()
+        correct = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.eq(targets[:, None])
+        totals += torch.stack([F.cross_entropy(logits, targets, reduction='sum').double(),
+                               correct[:, :1].sum().double(), correct.sum().double(),
+                               torch.tensor(images.shape[0], dtype=torch.float64, device=env.device)])
+    all_reduce_sum(totals, env)
+    loss_sum, top1_hits, top5_hits, count = totals.tolist()
+    count = max(count, 1)
+    return {'loss': loss_sum / count, 'top1': 100 * top1_hits / count, 'top5': 100 * top5_hits / count,
+            'count': int(count)}

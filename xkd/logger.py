@@ -1,0 +1,55 @@
+"""Console and file log, summary.csv and TensorBoard; only rank 0 writes files."""
+import logging
+import os
+import sys
+
+from timm.utils import update_summary
+
+LOG_FORMAT = '%(asctime)s %(levelname)s %(message)s'
+
+
+def setup_logging(output_dir=None, is_main=True):
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter(LOG_FORMAT, '%H:%M:%S'))
+    root.addHandler(console)
+    if output_dir and is_main:
+        file_handler = logging.FileHandler(os.path.join(output_dir, 'log.txt'))
+        file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(file_handler)
+
+
+class RunRecorder:
+    """summary.csv rows (epoch, train loss per key, eval metrics, lr) and TensorBoard scalars."""
+
+    def __init__(self, output_dir, enabled):
+        self.output_dir = output_dir
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=output_dir)
+
+    def step(self, global_step, losses, lr):
+        if self.writer is None:
+            return
+        for key, value in losses.items():
+            self.writer.add_scalar(f'train_step/{key}', value, global_step)
+        self.writer.add_scalar('train_step/lr', lr, global_step)
+
+    def epoch(self, epoch, train_metrics, eval_metrics, lr):
+        if not self.enabled:
+            return
+        update_summary(epoch, train_metrics, eval_metrics, os.path.join(self.output_dir, 'summary.csv'), lr=lr)
+        for key, value in train_metrics.items():
+            self.writer.add_scalar(f'train/{key}', value, epoch)
+        for key, value in (eval_metrics or {}).items():
+            self.writer.add_scalar(f'eval/{key}', value, epoch)
+        self.writer.add_scalar('lr', lr, epoch)
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
