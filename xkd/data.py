@@ -5,6 +5,7 @@ Every dataset type returns PIL images, so the same timm transforms serve all of 
 reference code bases do for CIFAR-100 at 224 px.
 """
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -38,6 +39,11 @@ class CIFAR100Folder(CIFAR100):
     def _check_integrity(self):
         files = [name for name, _ in self.train_list + self.test_list] + [self.meta['filename']]
         return all(os.path.isfile(os.path.join(self.root, self.base_folder, name)) for name in files)
+
+    def _load_meta(self):
+        with open(os.path.join(self.root, self.base_folder, self.meta['filename']), 'rb') as f:
+            self.classes = pickle.load(f, encoding='latin1')[self.meta['key']]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
 def cifar100_root(data_dir, download):
