@@ -8,20 +8,19 @@ The checkpoint is one written by train.py (its student; `--use-ema` for the EMA 
 timm/torch state dict, wrapped under `state_dict`/`model` or not, with or without `module.` prefixes.
 Flags left out are taken from the arguments a train.py checkpoint carries (model, classes, input size).
 """
-import argparse
 import json
 import sys
 
 import torch
 
 from xkd import data, distributed, engine, models
-from xkd.config import DATASETS, ParseKwargs, add_data_arguments, add_runtime_arguments
+from xkd.config import DATASETS, ArgumentParser, ParseKwargs, add_data_arguments, add_runtime_arguments
 from xkd.errors import UserError
 from xkd.run import resolve_input_size, run_cli
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description='Evaluate a checkpoint on a validation set.')
+    parser = ArgumentParser(description='Evaluate a checkpoint on a validation set.')
     add_data_arguments(parser)
     add_runtime_arguments(parser)
     parser.add_argument('--model', default=None, help='timm model name (default: the checkpoint\'s)')

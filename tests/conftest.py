@@ -12,6 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import custom_model  # noqa: E402,F401  (registers our models with timm)
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

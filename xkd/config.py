@@ -16,6 +16,13 @@ from .errors import UserError
 DATASETS = ('cifar100', 'imagenet', 'folder', 'digits', 'fake')
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line: what was wrong and where to look."""
+
+    def error(self, message):
+        self.exit(2, f'error: {message}; see {self.prog} --help\n')
+
+
 class ParseKwargs(argparse.Action):
     """`--model-kwargs depth=6 embed_dim=96` -> {'depth': 6, 'embed_dim': 96} (values parsed as YAML)."""
 
@@ -71,7 +78,7 @@ def add_runtime_arguments(parser):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description='Cross-architecture knowledge distillation (OFA, RSD, HCD, KD, DKD, DIST) on timm models.')
     parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of flag defaults')
     add_data_arguments(parser)

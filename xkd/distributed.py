@@ -62,6 +62,20 @@ def all_reduce_sum(tensor, env):
     return tensor
 
 
+def check_replicas(module, env):
+    """Raise if the ranks' copies of `module` differ: DDP keeps them equal, so a difference is a bug."""
+    if not env.distributed:
+        return
+    with torch.no_grad():
+        fingerprint = torch.stack([p.double().sum() for p in module.parameters()] +
+                                  [p.double().square().sum() for p in module.parameters()])
+        gathered = [torch.empty_like(fingerprint) for _ in range(env.world_size)]
+        dist.all_gather(gathered, fingerprint)
+    for rank, other in enumerate(gathered):
+        if not torch.equal(other, gathered[0]):
+            raise RuntimeError(f'the weights of rank {rank} differ from those of rank 0')
+
+
 def barrier(env):
     if env.distributed:
         dist.barrier()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import dispatch_clip_grad
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, check_replicas
 from .errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
         if (step + 1) % args.log_interval == 0 or last_step:
             values = {key: value.item() for key, value in detached.items()}
             check_finite(values, epoch, step, steps, last_checkpoint)
+            check_replicas(distiller, env)
             lr = optimizer.param_groups[0]['lr']
             elapsed = time.time() - interval_start
             rate = interval_images / max(elapsed, 1e-9)

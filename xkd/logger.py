@@ -32,6 +32,18 @@ class RunRecorder:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=output_dir)
 
+    def forget_from(self, epoch):
+        """On resume, drop summary rows of epochs that the resumed run will train again."""
+        path = os.path.join(self.output_dir, 'summary.csv')
+        if not self.enabled or not os.path.isfile(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()
+        kept = lines[:1] + [line for line in lines[1:] if int(line.split(',', 1)[0]) < epoch]
+        if len(kept) != len(lines):
+            with open(path, 'w') as f:
+                f.writelines(kept)
+
     def step(self, global_step, losses, lr):
         if self.writer is None:
             return

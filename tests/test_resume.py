@@ -1,0 +1,118 @@
+"""A run killed and resumed ends exactly where an uninterrupted run ends; checkpoints survive a kill mid-save."""
+import csv
+import os
+
+import pytest
+import timm
+import torch
+
+import distillers
+import train
+from xkd import checkpoint, engine
+from xkd.errors import UserError
+
+WITH_EXTRA_MODULES = [m for m in ('ofa', 'rsd', 'hcd') if m in distillers.distiller_names()]
+METHODS = ['vanilla', 'kd'] + [m for m in ('dkd', 'dist') if m in distillers.distiller_names()] + WITH_EXTRA_MODULES
+
+
+@pytest.fixture(scope='module')
+def teacher_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
+    torch.manual_seed(0)
+    torch.save(timm.create_model('demo_vit_teacher', num_classes=10, depth=4).state_dict(), path)
+    return str(path)
+
+
+def base_args(output, teacher_file, method):
+    return ['--dataset', 'fake', '--fake-samples', '32', '--img-size', '32', '--batch-size', '8', '--workers', '0',
+            '--model', 'demo_resnet_student', '--teacher', 'demo_vit_teacher', '--teacher-kwargs', 'depth=4',
+            '--teacher-pretrained', teacher_file, '--distiller', method, '--epochs', '3', '--warmup-epochs', '2',
+            '--lr', '0.05', '--model-ema', '--model-ema-decay', '0.9', '--mixup', '0.2', '--log-interval', '2',
+            '--output', str(output)]
+
+
+def rows(run_dir):
+    with open(os.path.join(run_dir, 'summary.csv')) as f:
+        return list(csv.DictReader(f))
+
+
+def kill_at_epoch(monkeypatch, dead_epoch):
+    original = engine.train_one_epoch
+
+    def dying(epoch, *args, **kwargs):
+        if epoch == dead_epoch:
+            raise KeyboardInterrupt('killed')
+        return original(epoch, *args, **kwargs)
+    monkeypatch.setattr(engine, 'train_one_epoch', dying)
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, teacher_file, monkeypatch, method):
+    args = base_args(tmp_path, teacher_file, method)
+    train.main(args + ['--experiment', 'full'])
+    with monkeypatch.context() as patch:
+        kill_at_epoch(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(args + ['--experiment', 'resumed'])
+    assert len(rows(tmp_path / 'resumed')) == 2
+    train.main(args + ['--experiment', 'resumed', '--resume', 'auto'])
+
+    full = torch.load(tmp_path / 'full' / 'last.pth.tar', weights_only=True)
+    resumed = torch.load(tmp_path / 'resumed' / 'last.pth.tar', weights_only=True)
+    assert full['epoch'] == resumed['epoch'] == 2
+    for key in full['state_dict']:
+        assert torch.allclose(full['state_dict'][key].float(), resumed['state_dict'][key].float(), atol=1e-6), key
+    for key in full['state_dict_ema']:
+        assert torch.allclose(full['state_dict_ema'][key].float(), resumed['state_dict_ema'][key].float(),
+                              atol=1e-6), key
+    assert full['distiller'].keys() == resumed['distiller'].keys()
+    if method in WITH_EXTRA_MODULES:
+        assert full['distiller'], 'a method with extra modules saved none'
+    for name, state in full['distiller'].items():
+        for key, tensor in state.items():
+            assert torch.allclose(tensor.float(), resumed['distiller'][name][key].float(), atol=1e-6), (name, key)
+
+    full_rows, resumed_rows = rows(tmp_path / 'full'), rows(tmp_path / 'resumed')
+    assert len(full_rows) == len(resumed_rows) == 3
+    for a, b in zip(full_rows, resumed_rows):
+        assert a.keys() == b.keys()
+        for column in a:
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-6), column
+    assert float(full_rows[0]['lr']) < float(full_rows[1]['lr'])  # warm-up carried across the resume
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path, teacher_file):
+    result = train.main(base_args(tmp_path, teacher_file, 'vanilla') + ['--epochs', '1', '--experiment', 'new',
+                                                                        '--resume', 'auto'])
+    assert result['output_dir'] == str(tmp_path / 'new') and len(rows(tmp_path / 'new')) == 1
+
+
+def test_kill_during_save_leaves_last_checkpoint_whole(tmp_path, teacher_file, monkeypatch):
+    args = base_args(tmp_path, teacher_file, 'kd') + ['--experiment', 'run']
+    real_save = torch.save
+    calls = []
+
+    def dying_save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:  # the second epoch's save: half a file, then the process dies
+            with open(path, 'wb') as f:
+                f.write(b'PK\x03\x04 partial')
+            raise KeyboardInterrupt('killed while saving')
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(checkpoint.torch, 'save', dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.setattr(checkpoint.torch, 'save', real_save)
+    last = torch.load(tmp_path / 'run' / 'last.pth.tar', weights_only=True)
+    assert last['epoch'] == 0
+    result = train.main(args + ['--resume', 'auto'])
+    assert len(rows(result['output_dir'])) == 3
+
+
+def test_truncated_checkpoint_is_named_damaged_with_an_alternative(tmp_path, teacher_file):
+    args = base_args(tmp_path, teacher_file, 'kd') + ['--experiment', 'run', '--epochs', '2']
+    train.main(args)
+    last = tmp_path / 'run' / 'last.pth.tar'
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(UserError, match=r"last.pth.tar' is damaged.*checkpoint-\d.pth.tar"):
+        train.main(args + ['--resume', str(last)])
