@@ -265,3 +265,15 @@ def test_teacher_head_with_another_class_count(capsys, tmp_path):
     err = cli_error(capsys, train.main, FAST + ['--distiller', 'kd', '--teacher', 'demo_vit_teacher',
                                                 '--teacher-pretrained', str(path), '--output', str(tmp_path)])
     assert '100 classes' in err and '--num-classes is 10' in err
+
+
+def test_fine_tuning_from_a_local_file_drops_a_mismatched_classifier(tmp_path):
+    imagenet_model = timm.create_model('demo_resnet_student', num_classes=100)
+    weights = tmp_path / 'imagenet.pth'
+    torch.save({'state_dict': imagenet_model.state_dict()}, weights)
+    train.main(FAST + ['--pretrained-path', str(weights), '--output', str(tmp_path), '--experiment', 'ft',
+                       '--lr', '0'])
+    assert 'its 100-class classifier was dropped' in (tmp_path / 'ft' / 'log.txt').read_text()
+    tuned = torch.load(tmp_path / 'ft' / 'last.pth.tar', weights_only=True)['state_dict']
+    assert torch.equal(tuned['conv1.weight'], imagenet_model.state_dict()['conv1.weight'])
+    assert tuned['fc.weight'].shape == (10, 128)

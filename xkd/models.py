@@ -34,19 +34,37 @@ def create_model(name, num_classes, input_size, pretrained=False, pretrained_pat
     Transformers and MLPs fix their token grid at construction, so the image size is passed to the models
     that take one (`img_size`); convolutional models run at any size and are built as they are.
     """
+    pretrained_classes = timm.get_pretrained_cfg_value(name, 'num_classes') if pretrained else None
     if pretrained_path:
-        if not os.path.isfile(pretrained_path):
-            raise UserError(f"--pretrained-path '{pretrained_path}' does not exist")
-        kwargs['pretrained_cfg_overlay'] = dict(file=pretrained_path)
+        state_dict = read_state_dict(pretrained_path, '--pretrained-path')
+        # timm drops the classifier when the file's class count differs from ours; tell it the file's.
+        classifier = timm.get_pretrained_cfg_value(name, 'classifier')
+        classifier_weight = state_dict.get(f'{classifier}.weight') if isinstance(classifier, str) else None
+        pretrained_classes = classifier_weight.shape[0] if classifier_weight is not None else num_classes
+        kwargs['pretrained_cfg_overlay'] = dict(file=pretrained_path, num_classes=pretrained_classes)
         pretrained = True
     kwargs = dict(num_classes=num_classes, pretrained=pretrained, **kwargs)
     size = input_size[-1]
     try:
-        model = timm.create_model(name, img_size=size, **kwargs)
-    except TypeError as e:
-        if 'img_size' not in str(e):
+        try:
+            model = timm.create_model(name, img_size=size, **kwargs)
+        except TypeError as e:
+            if 'img_size' not in str(e):
+                raise
+            model = timm.create_model(name, **kwargs)
+    except (OSError, RuntimeError) as e:
+        if not pretrained:
             raise
-        model = timm.create_model(name, **kwargs)
+        raise UserError(f"could not load pretrained weights for '{name}' ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]}); without network, download them elsewhere and "
+                        f"pass --pretrained-path FILE") from None
+    if pretrained:
+        source = pretrained_path or 'the timm hub'
+        if pretrained_classes and pretrained_classes != num_classes:
+            _logger.info(f"Pretrained '{name}' from {source}: its {pretrained_classes}-class classifier was "
+                         f"dropped; a new {num_classes}-class head starts from random weights")
+        else:
+            _logger.info(f"Pretrained '{name}' from {source}")
     return model
 
 

@@ -1,0 +1,84 @@
+"""Bad input fails before any training step, exits 2 and prints one line: what was wrong, what to do."""
+import pytest
+import timm
+import torch
+
+import distillers
+import train
+from xkd.run import run_cli
+
+FAST = ['--dataset', 'fake', '--fake-samples', '32', '--img-size', '32', '--batch-size', '8', '--epochs', '1',
+        '--workers', '0', '--model', 'demo_resnet_student']
+
+
+def cli_error(capsys, argv):
+    capsys.readouterr()
+    try:
+        status = run_cli(train.main, argv)
+    except SystemExit as exit:  # argparse's own usage errors
+        status = exit.code
+    assert status == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.count('\n') == 0 and err.startswith('error: '), err
+    assert 'Train: ' not in captured.out, 'a training step ran before the error'
+    return err
+
+
+def test_unknown_dataset_type_on_the_command_line(capsys):
+    err = cli_error(capsys, FAST + ['--dataset', 'cifar10'])
+    assert "invalid choice: 'cifar10'" in err and 'cifar100' in err
+
+
+def test_unknown_dataset_type_in_a_config(capsys, tmp_path):
+    config = tmp_path / 'c.yaml'
+    config.write_text('dataset: svhn\n')
+    err = cli_error(capsys, ['--config', str(config)])
+    assert "unknown dataset type 'svhn'" in err
+
+
+def test_teacher_weights_missing(capsys, tmp_path):
+    err = cli_error(capsys, FAST + ['--distiller', 'kd', '--teacher', 'demo_vit_teacher',
+                                    '--teacher-pretrained', str(tmp_path / 'nope.pth')])
+    assert 'nope.pth' in err and 'does not exist' in err
+
+
+def test_teacher_weights_unreadable(capsys, tmp_path):
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(b'this is not a checkpoint')
+    err = cli_error(capsys, FAST + ['--distiller', 'kd', '--teacher', 'demo_vit_teacher',
+                                    '--teacher-pretrained', str(garbage), '--output', str(tmp_path)])
+    assert 'cannot be read' in err and 'garbage.pth' in err
+
+
+def test_negative_epochs(capsys):
+    err = cli_error(capsys, FAST + ['--epochs', '-3'])
+    assert '--epochs must be a positive integer, got -3' in err
+
+
+def test_float16_amp_on_cpu_points_to_bfloat16(capsys):
+    err = cli_error(capsys, FAST + ['--amp', '--amp-dtype', 'float16', '--device', 'cpu'])
+    assert 'bfloat16' in err
+
+
+def test_wrong_length_of_ofa_eps(capsys):
+    if 'ofa' not in distillers.distiller_names():
+        pytest.skip('OFA is not registered')
+    err = cli_error(capsys, FAST + ['--distiller', 'ofa', '--teacher', 'demo_vit_teacher',
+                                    '--ofa-stage', '1', '2', '--ofa-eps', '1.0', '1.0'])
+    assert '--ofa-eps' in err and '3' in err
+
+
+def test_non_finite_loss_stops_the_run_with_step_values_and_checkpoint(capsys, tmp_path):
+    teacher = timm.create_model('demo_vit_teacher', num_classes=10)
+    state_dict = teacher.state_dict()
+    state_dict['head.weight'] = torch.full_like(state_dict['head.weight'], float('nan'))
+    path = tmp_path / 'nan_teacher.pth'
+    torch.save(state_dict, path)
+    capsys.readouterr()
+    status = run_cli(train.main, FAST + ['--distiller', 'kd', '--teacher', 'demo_vit_teacher', '--teacher-pretrained',
+                                         str(path), '--log-interval', '1', '--output', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert 'non-finite by epoch 0 step 1/4' in err and 'loss_kd=nan' in err and 'no checkpoint' in err
+    assert not (tmp_path / 'fake-kd-demo_resnet_student-from-demo_vit_teacher' / 'last.pth.tar').exists()
