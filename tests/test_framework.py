@@ -275,5 +275,5 @@ def test_fine_tuning_from_a_local_file_drops_a_mismatched_classifier(tmp_path):
                        '--lr', '0'])
     assert 'its 100-class classifier was dropped' in (tmp_path / 'ft' / 'log.txt').read_text()
     tuned = torch.load(tmp_path / 'ft' / 'last.pth.tar', weights_only=True)['state_dict']
-    assert torch.equal(tuned['conv1.weight'], imagenet_model.state_dict()['conv1.weight'])
+    assert torch.equal(tuned['conv1.0.weight'], imagenet_model.state_dict()['conv1.0.weight'])
     assert tuned['fc.weight'].shape == (10, 128)

@@ -1,0 +1,29 @@
+"""Feature extraction for distillation (SPEC.md 2.1): logits, four stage features and the pooled
+pre-logits embedding of any supported model from one forward pass.
+
+    from custom_forward import forward_features, stage_info
+    logits, feats = forward_features(model, x)   # feats[0..3] stages 1..4, feats[-1] embedding [B, D]
+    stage_info(model, 2)                         # (C, H, W) for maps, (L, D) for tokens; -1 -> (D,)
+
+Distillers read model features only through this package. Supported families are registered in
+`timm_adapters`; `adapters` holds the registry and the base classes for adding a backbone.
+"""
+from . import timm_adapters  # noqa: F401  (registers the timm families)
+from .adapters import (
+    FeatureAdapter,
+    HookAdapter,
+    IntermediatesAdapter,
+    UnsupportedModelError,
+    get_adapter,
+    isotropic_stage_blocks,
+    register_adapter,
+)
+from .features import embedding_dim, feature_format, forward_features, num_prefix_tokens, stage_info
+from .tokens import map_to_tokens, split_prefix_tokens, strip_prefix_tokens, tokens_to_map
+
+__all__ = [
+    'FeatureAdapter', 'HookAdapter', 'IntermediatesAdapter', 'UnsupportedModelError', 'embedding_dim',
+    'feature_format', 'forward_features', 'get_adapter', 'isotropic_stage_blocks', 'map_to_tokens',
+    'num_prefix_tokens', 'register_adapter', 'split_prefix_tokens', 'stage_info', 'strip_prefix_tokens',
+    'tokens_to_map',
+]
