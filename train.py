@@ -151,7 +151,8 @@ def main(argv=None):
         # Only the trainable part (student and extra modules) is wrapped; the teacher is not a child module.
         model = DistributedDataParallel(distiller, device_ids=[env.local_rank] if env.device.type == 'cuda' else None)
     recorder = RunRecorder(args.output_dir, env.is_main)
-    recorder.forget_from(start_epoch)
+    if resume_path:
+        recorder.forget_from(start_epoch)
     best = (None, None)
     last_metrics = None
     last_checkpoint = resume_path

@@ -3,23 +3,61 @@
 # bash train.sh N [FLAGS]    RSD's launcher: N processes with torch.distributed.launch on a free port,
 #                            ResNet18 <- Swin-T on CIFAR-100; FLAGS are passed on to train.py
 #                            (DATA and TEACHER override the data folder and the teacher checkpoint)
+# bash train.sh --list       the published cells of configs/experiments.yaml: name, teacher, student,
+#                            method, published top-1
+# bash train.sh CELL N [FLAGS]   one cell by name on N processes (DATA overrides the data folder);
+#                            FLAGS come last, so they override the cell's own flags
 set -euo pipefail
 cd "$(dirname "$0")"
 
 if [ $# -eq 0 ]; then
     exec python tools/demo.py
 fi
+if [ "$1" = "--list" ]; then
+    exec python tools/experiments.py --list
+fi
 
-NPROC=$1
+# check_nproc VALUE EXAMPLE: VALUE must be a process count; EXAMPLE shows a correct command line.
+check_nproc() {
+    if ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
+        local given="'$1'"
+        [ -n "$1" ] || given=nothing
+        echo "error: expected the number of processes (e.g. $2), got $given" >&2
+        exit 2
+    fi
+}
+
+launch() {
+    local nproc=$1
+    shift
+    local port=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+    exec python -m torch.distributed.launch --nproc_per_node="$nproc" --master_port="$port" train.py "$@"
+}
+
+if [[ "$1" =~ ^[0-9]+$ ]]; then
+    NPROC=$1
+    shift
+    check_nproc "$NPROC" "bash train.sh 8"
+    launch "$NPROC" "${DATA:-data/cifar100}" --config configs/cifar/cnn.yaml \
+        --model resnet18 --teacher swin_tiny_patch4_window7_224 \
+        --teacher-pretrained "${TEACHER:-pretrained/swin_tiny_patch4_window7_224_cifar100.pth}" \
+        --num-classes 100 --distiller rsd "$@"
+fi
+
+CELL=$1
 shift
-if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
-    echo "error: the first argument is the number of processes (e.g. bash train.sh 8), got '$NPROC'" >&2
+# The cell is looked up before the process count, so that a mistyped name is reported with close names.
+# Its error goes through a file so that it can be completed into one line; stdout holds only arguments.
+ERROR_FILE=$(mktemp)
+if ! CELL_ARGS=$(python tools/experiments.py --one-per-line --data "${DATA:-data/cifar100}" "$CELL" 2>"$ERROR_FILE"); then
+    echo "$(cat "$ERROR_FILE"); a first argument that is not a cell name must be the number of processes" \
+         "(bash train.sh 8)" >&2
+    rm -f "$ERROR_FILE"
     exit 2
 fi
-PORT=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
-
-exec python -m torch.distributed.launch --nproc_per_node="$NPROC" --master_port="$PORT" train.py \
-    "${DATA:-data/cifar100}" --config configs/cifar/cnn.yaml \
-    --model resnet18 --teacher swin_tiny_patch4_window7_224 \
-    --teacher-pretrained "${TEACHER:-pretrained/swin_tiny_patch4_window7_224_cifar100.pth}" \
-    --num-classes 100 --distiller rsd "$@"
+rm -f "$ERROR_FILE"
+check_nproc "${1:-}" "bash train.sh $CELL 8"
+NPROC=$1
+shift
+mapfile -t TRAIN_ARGS <<< "$CELL_ARGS"
+launch "$NPROC" "${TRAIN_ARGS[@]}" "$@"

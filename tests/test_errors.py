@@ -82,3 +82,10 @@ def test_non_finite_loss_stops_the_run_with_step_values_and_checkpoint(capsys, t
     assert status == 2
     assert 'non-finite by epoch 0 step 1/4' in err and 'loss_kd=nan' in err and 'no checkpoint' in err
     assert not (tmp_path / 'fake-kd-demo_resnet_student-from-demo_vit_teacher' / 'last.pth.tar').exists()
+
+
+def test_a_fresh_run_never_overwrites_a_named_run(capsys, tmp_path):
+    args = FAST + ['--output', str(tmp_path), '--experiment', 'mine']
+    train.main(args)
+    err = cli_error(capsys, args)
+    assert 'already holds a run' in err and '--resume auto' in err

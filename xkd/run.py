@@ -32,8 +32,11 @@ def default_experiment(args):
 def output_folder(args):
     """The run folder: `--output/--experiment`; a fresh run never writes into another run's folder."""
     base = os.path.join(args.output, args.experiment or default_experiment(args))
-    if args.resume or args.experiment or not os.path.exists(os.path.join(base, 'last.pth.tar')):
+    if args.resume or not os.path.exists(os.path.join(base, 'last.pth.tar')):
         return base
+    if args.experiment:
+        raise UserError(f"run folder '{base}' already holds a run; continue it with --resume auto, "
+                        f"or choose another --experiment (e.g. {args.experiment}-seed{args.seed + 1})")
     suffix = 1
     while os.path.exists(f'{base}-{suffix}'):
         suffix += 1
