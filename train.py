@@ -42,6 +42,8 @@ def check_inputs(args, distiller_class):
             raise UserError(f"--teacher-pretrained '{args.teacher_pretrained}' does not exist")
     if args.amp and args.amp_dtype == 'float16' and args.device_type != 'cuda':
         raise UserError('--amp-dtype float16 needs a GPU; on CPU use --amp --amp-dtype bfloat16')
+    if args.teacher_dtype == 'float16' and args.device_type != 'cuda':
+        raise UserError('--teacher-dtype float16 needs a GPU; on CPU use --teacher-dtype bfloat16')
     if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):
         raise UserError(f"--resume '{args.resume}' does not exist (use --resume auto to continue the run "
                         f"in --output/--experiment when it has a last.pth.tar)")
@@ -89,7 +91,7 @@ def main(argv=None):
         raise UserError(f'--distiller {args.distiller}: {e}') from None
     distiller.to(env.device)
     if teacher is not None:
-        teacher.to(env.device)
+        teacher.to(env.device, dtype=getattr(torch, args.teacher_dtype))
     if args.channels_last:
         distiller.to(memory_format=torch.channels_last)
         if teacher is not None:
@@ -146,10 +148,13 @@ def main(argv=None):
             _logger.info(f"Teacher top-1 {teacher_metrics['top1']:.2f} top-5 {teacher_metrics['top5']:.2f} "
                          f"on {teacher_metrics['count']} validation images")
 
-    model = distiller
+    model, eval_model = distiller, distiller.student
     if env.distributed:
         # Only the trainable part (student and extra modules) is wrapped; the teacher is not a child module.
         model = DistributedDataParallel(distiller, device_ids=[env.local_rank] if env.device.type == 'cuda' else None)
+    if args.torchcompile:
+        # Compiled wrappers share the modules' parameters, so checkpoints keep their plain layout.
+        model, eval_model = torch.compile(model), torch.compile(eval_model)
     recorder = RunRecorder(args.output_dir, env.is_main)
     if resume_path:
         recorder.forget_from(start_epoch)
@@ -168,7 +173,7 @@ def main(argv=None):
                                                    last_checkpoint)
             eval_metrics = {'loss': '', 'top1': '', 'top5': ''}
             if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
-                metrics = engine.evaluate(distiller.student, val_loader, args, env)
+                metrics = engine.evaluate(eval_model, val_loader, args, env)
                 eval_metrics = {k: metrics[k] for k in ('loss', 'top1', 'top5')}
                 last_metrics = (eval_metrics['top1'], epoch)
                 if model_ema is not None:

@@ -44,16 +44,30 @@ class Distiller(nn.Module):
     def gt_loss(self, student_logits, label):
         return self.args.gt_loss_weight * self.criterion(student_logits, label)
 
-    @torch.no_grad()
     def teacher_logits(self, image):
-        return self.teacher(image).float()
+        """The teacher's logits, float32, usable by the losses (see `teacher_features`)."""
+        with torch.inference_mode():
+            logits = self.teacher(self._teacher_input(image))
+        return autograd_copy(logits)
 
-    @torch.no_grad()
     def teacher_features(self, image):
-        """Teacher logits and its five features (stages 1..4, embedding) from one pass, as float32."""
+        """Teacher logits and its five features (stages 1..4, embedding) from one pass, as float32.
+
+        The teacher runs under inference mode (cheaper than no_grad: no version counters, no view tracking)
+        in its own dtype (`--teacher-dtype`) and, under `--amp`, in the autocast dtype.
+        """
         from custom_forward import forward_features
-        logits, feats = forward_features(self.teacher, image)
-        return logits.float(), [f.float() for f in feats]
+        with torch.inference_mode():
+            logits, feats = forward_features(self.teacher, self._teacher_input(image))
+        return autograd_copy(logits), [autograd_copy(f) for f in feats]
+
+    def _teacher_input(self, image):
+        dtype = self.teacher_dtype
+        return image if image.dtype == dtype or torch.is_autocast_enabled(image.device.type) else image.to(dtype)
+
+    @property
+    def teacher_dtype(self):
+        return next(self.teacher.parameters()).dtype
 
     def extra_modules(self):
         """Named child modules other than the student: the distiller's own trainable parts."""
@@ -71,6 +85,15 @@ class Distiller(nn.Module):
             raise KeyError(f"checkpoint has extra modules {sorted(state)}, this distiller has {sorted(modules)}")
         for name, module in modules.items():
             module.load_state_dict(state[name])
+
+
+def autograd_copy(tensor):
+    """A float32 tensor made outside inference mode, which the losses' autograd graph may save.
+
+    Inference-mode tensors cannot be saved for backward; the copy (or the cast from a lower teacher dtype)
+    is what makes them usable, and it costs one pass over the teacher's outputs.
+    """
+    return tensor.float() if tensor.dtype != torch.float32 else tensor.clone()
 
 
 def hard_target(label):

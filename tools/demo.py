@@ -5,7 +5,8 @@
    (8x8, upsampled to 32 px, a fixed 70/30 split) and saved under pretrained/.
 2. A small CNN student (`demo_resnet_student`) is trained on a fixed subset of 300 training images, alone and
    with every distiller that runs on this pair, each through train.py exactly as a real run.
-3. A table: run, distiller, test top-1 (last epoch and best), wall time, run folder.
+3. A table: run, distiller, test top-1 (last epoch and best), wall time, run folder; a figure of the
+   students' curves and a CKA map of the teacher's stages against the RSD student's.
 
 The student sees fewer images than the teacher did, which is the setting where a teacher has most to give.
 """
@@ -63,6 +64,24 @@ def export_teacher(run_dir, path):
     torch.save(checkpoint['state_dict'], path)
 
 
+def draw_pictures(output, methods, teacher_file):
+    """The students' curves on one figure, and a CKA map of the teacher against the RSD (or last) student."""
+    run_dirs = [os.path.join(output, f'student-{method}') for method in methods]
+    curves = os.path.join(output, 'curves.png')
+    subprocess.check_call([sys.executable, os.path.join(ROOT, 'tools', 'plot_runs.py'), *run_dirs, '-o', curves,
+                           '--title', 'Demo students on the digits'], cwd=ROOT, stdout=subprocess.DEVNULL)
+    cka_student = 'rsd' if 'rsd' in methods else methods[-1]
+    subprocess.check_call([sys.executable, os.path.join(ROOT, 'tools', 'cka.py'), '--dataset', 'digits',
+                           '--img-size', '32', '--workers', '0', '--samples', '539',
+                           '--model', 'demo_resnet_student',
+                           '--checkpoint', os.path.join(output, f'student-{cka_student}', 'last.pth.tar'),
+                           '--teacher', 'demo_vit_teacher', '--teacher-pretrained', teacher_file,
+                           '--output', output], cwd=ROOT, stdout=subprocess.DEVNULL)
+    cka = os.path.join(output, 'cka-demo_resnet_student-vs-demo_vit_teacher.png')
+    return [f'Curves of the students: {os.path.relpath(curves, ROOT)}',
+            f'CKA map, teacher stages against the {cka_student} student\'s: {os.path.relpath(cka, ROOT)} (and .csv)']
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--output', default='output/demo', help='parent folder of the demo runs')
@@ -107,6 +126,8 @@ def main():
         rows.append((f'student (CNN, 300 train images)', method, last, best, seconds, run_dir))
         print(f'student: {method} top-1 {last:.2f} in {seconds:.0f} s', flush=True)
 
+    pictures = draw_pictures(output, methods, teacher_file)
+
     print()
     header = ('run', 'distiller', 'test top-1', 'best top-1', 'wall time', 'run folder')
     lines = [header] + [(run, method, f'{last:.2f}', f'{best:.2f}', f'{seconds:.0f} s', os.path.relpath(folder, ROOT))
@@ -118,6 +139,8 @@ def main():
             print('|' + '|'.join('-' * (width + 2) for width in widths) + '|')
     print(f'\nDigits test set: 539 images. Total time {time.time() - demo_start:.0f} s. '
           f'Run folders (args.yaml, summary.csv, log.txt, checkpoints, TensorBoard) under {os.path.relpath(output, ROOT)}/')
+    for picture in pictures:
+        print(picture)
 
 
 if __name__ == '__main__':

@@ -70,6 +70,8 @@ def add_runtime_arguments(parser):
     group.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
                        help='autocast dtype (default: float16 on GPU, with a gradient scaler; bfloat16 on CPU)')
     group.add_argument('--channels-last', action='store_true', help='channels-last memory format')
+    group.add_argument('--torchcompile', action='store_true',
+                       help='torch.compile the training step (student, teacher, losses) and evaluation')
     group.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     group.add_argument('--local-rank', '--local_rank', type=int, default=None, dest='local_rank',
                        help='set by torch.distributed.launch; the LOCAL_RANK variable is used otherwise')
@@ -96,6 +98,9 @@ def build_parser():
     group.add_argument('--teacher-pretrained', default='', metavar='FILE', help='teacher weights file')
     group.add_argument('--teacher-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='extra keyword arguments for the teacher, key=value')
+    group.add_argument('--teacher-dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),
+                       help="keep the teacher's weights in this dtype (halves its memory); its outputs are cast "
+                            "back to float32 before any loss")
     group.add_argument('--eval-teacher', action='store_true',
                        help='evaluate the teacher on the validation set before training')
     group.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm for the student (distributed)')

@@ -34,6 +34,32 @@ def format_eta(seconds):
     return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
+def train_step(model, distiller, images, targets, epoch, optimizer, args, env, scaler=None):
+    """Forward (under autocast with --amp), backward, clip, update. Returns the summed loss and its terms.
+
+    `model` is what runs the forward (the distiller, possibly DDP-wrapped or compiled); `distiller` gives
+    the parameters to clip.
+    """
+    with autocast_context(args, env.device):
+        _, losses = model(images, targets, epoch=epoch)
+    losses = {key: value.float() for key, value in losses.items()}
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if args.clip_grad is not None:
+            scaler.unscale_(optimizer)
+            dispatch_clip_grad(distiller.parameters(), args.clip_grad, mode=args.clip_mode)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if args.clip_grad is not None:
+            dispatch_clip_grad(distiller.parameters(), args.clip_grad, mode=args.clip_mode)
+        optimizer.step()
+    return loss, losses
+
+
 def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args, env, mixup_fn=None,
                     scaler=None, model_ema=None, recorder=None, last_checkpoint=''):
     """One pass over `loader`; `model` is the distiller, wrapped by DDP when distributed.
@@ -53,24 +79,7 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
-        with autocast_context(args, env.device):
-            _, losses = model(images, targets, epoch=epoch)
-        losses = {key: value.float() for key, value in losses.items()}
-        loss = sum(losses.values())
-
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if args.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                dispatch_clip_grad(distiller.parameters(), args.clip_grad, mode=args.clip_mode)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if args.clip_grad is not None:
-                dispatch_clip_grad(distiller.parameters(), args.clip_grad, mode=args.clip_mode)
-            optimizer.step()
+        loss, losses = train_step(model, distiller, images, targets, epoch, optimizer, args, env, scaler)
         if model_ema is not None:
             model_ema.update(distiller.student, step=epoch * steps + step)
 
@@ -118,9 +127,11 @@ def check_finite(values, epoch, step, steps, last_checkpoint):
 def evaluate(model, loader, args, env):
     """Top-1, top-5 and mean cross-entropy over the whole set; each rank takes a shard, the sums are reduced."""
     model.eval()
+    # A teacher kept in a lower dtype (--teacher-dtype) takes its input in that dtype.
+    dtype = next(model.parameters()).dtype
     totals = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss sum, top1 hits, top5 hits, count
     for images, targets in loader:
-        images = images.to(env.device, non_blocking=True)
+        images = images.to(env.device, dtype=dtype, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
