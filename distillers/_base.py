@@ -46,7 +46,7 @@ class Distiller(nn.Module):
 
     def teacher_logits(self, image):
         """The teacher's logits, float32, usable by the losses (see `teacher_features`)."""
-        with torch.inference_mode():
+        with self._teacher_mode():
             logits = self.teacher(self._teacher_input(image))
         return autograd_copy(logits)
 
@@ -57,9 +57,13 @@ class Distiller(nn.Module):
         in its own dtype (`--teacher-dtype`) and, under `--amp`, in the autocast dtype.
         """
         from custom_forward import forward_features
-        with torch.inference_mode():
+        with self._teacher_mode():
             logits, feats = forward_features(self.teacher, self._teacher_input(image))
         return autograd_copy(logits), [autograd_copy(f) for f in feats]
+
+    def _teacher_mode(self):
+        # torch.compile cannot trace inference mode; no_grad is the next best there.
+        return torch.no_grad() if getattr(self.args, 'torchcompile', False) else torch.inference_mode()
 
     def _teacher_input(self, image):
         dtype = self.teacher_dtype
@@ -93,7 +97,7 @@ def autograd_copy(tensor):
     Inference-mode tensors cannot be saved for backward; the copy (or the cast from a lower teacher dtype)
     is what makes them usable, and it costs one pass over the teacher's outputs.
     """
-    return tensor.float() if tensor.dtype != torch.float32 else tensor.clone()
+    return tensor.clone() if tensor.is_inference() and tensor.dtype == torch.float32 else tensor.float()
 
 
 def hard_target(label):

@@ -277,3 +277,10 @@ def test_fine_tuning_from_a_local_file_drops_a_mismatched_classifier(tmp_path):
     tuned = torch.load(tmp_path / 'ft' / 'last.pth.tar', weights_only=True)['state_dict']
     assert torch.equal(tuned['conv1.0.weight'], imagenet_model.state_dict()['conv1.0.weight'])
     assert tuned['fc.weight'].shape == (10, 128)
+
+
+def test_yaml_scalar_for_a_list_flag_is_a_one_element_list(tmp_path):
+    config = tmp_path / 'ofa.yaml'
+    config.write_text('ofa_eps: 1.5\nrsd_stage: -1\n')
+    args = parse_args(['--config', str(config)])
+    assert args.ofa_eps == [1.5] and args.rsd_stage == [-1]

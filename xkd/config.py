@@ -188,7 +188,8 @@ def load_yaml(path):
 
 def yaml_defaults(parser, path):
     """Turn a YAML file into argparse defaults, rejecting keys that no flag knows."""
-    known = {action.dest for action in parser._actions} - {'help', 'config'}
+    actions = {action.dest: action for action in parser._actions}
+    known = set(actions) - {'help', 'config'}
     defaults = {}
     for key, value in load_yaml(path).items():
         dest = str(key).replace('-', '_')
@@ -198,6 +199,8 @@ def yaml_defaults(parser, path):
             close = difflib.get_close_matches(dest, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else '; see train.py --help for the flags'
             raise UserError(f"config '{path}': unknown key '{key}' (no flag --{dest.replace('_', '-')}){hint}")
+        if actions[dest].nargs in ('+', '*') and not isinstance(value, (list, dict)):
+            value = [value]  # `ofa_eps: 1.5` means the one-element list of `--ofa-eps 1.5`
         defaults[dest] = value
     return defaults
 

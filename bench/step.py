@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Time of one training step for every distiller, against the floor the reference code bases pay.
+
+    python bench/step.py                                         # resnet18 <- deit_tiny at 64 px, batch 8
+    python bench/step.py --model resnet18 --teacher swin_tiny_patch4_window7_224 --img-size 224 --batch-size 8
+
+Variants, interleaved round by round after a warm-up so that a noisy machine slows them alike:
+- `student`: the student's own step (vanilla);
+- `floor`: the student's step plus the teacher's float32 forward under no_grad, what the reference code
+  bases pay before any distillation loss;
+- each registered distiller, in float32 and with `--amp --amp-dtype bfloat16`.
+It prints the median ms per step, images per second, the ratio to the float32 floor, peak memory of the
+step (CUDA: max allocated; CPU: peak resident memory of a fresh process running that variant alone) and
+the distiller's extra parameters.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import distillers  # noqa: E402
+from timm.optim import create_optimizer_v2  # noqa: E402
+from xkd import engine, models  # noqa: E402
+from xkd.config import build_parser  # noqa: E402
+from xkd.distributed import DistEnv  # noqa: E402
+
+
+class Floor(distillers.Distiller):
+    """The student's step plus a float32 teacher forward under no_grad whose output no loss reads."""
+
+    def forward(self, image, label, epoch=0):
+        with torch.no_grad():
+            self.teacher(image.float())
+        logits = self.student(image)
+        return logits, {'loss_gt': self.gt_loss(logits, label)}
+
+
+def variant_names(methods):
+    names = ['student', 'floor'] + [f'{m} fp32' for m in methods] + [f'{m} bf16' for m in methods]
+    return names
+
+
+def build(name, bench_args, teacher, device):
+    """A distiller, its optimizer and its arguments for variant `name`."""
+    method, _, precision = name.partition(' ')
+    distiller_name = {'student': 'vanilla', 'floor': 'vanilla'}.get(method, method)
+    flags = ['--distiller', distiller_name] + (['--amp', '--amp-dtype', 'bfloat16'] if precision == 'bf16' else [])
+    args = build_parser().parse_args(flags + bench_args.extra)
+    args.num_classes, args.input_size = bench_args.num_classes, (3, bench_args.img_size, bench_args.img_size)
+    args.amp_dtype = args.amp_dtype or 'bfloat16'
+    torch.manual_seed(0)
+    student = models.create_model(bench_args.model, args.num_classes, args.input_size).to(device)
+    distiller_class = Floor if method == 'floor' else distillers.get_distiller(distiller_name)
+    distiller = distiller_class(student, teacher if distiller_class.requires_teacher else None,
+                                torch.nn.CrossEntropyLoss(), args).to(device)
+    optimizer = create_optimizer_v2(distiller, opt='sgd', lr=0.01, momentum=0.9, weight_decay=1e-4)
+    if bench_args.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    return distiller, optimizer, args
+
+
+def make_batch(bench_args, device):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(bench_args.batch_size, 3, bench_args.img_size, bench_args.img_size, generator=generator)
+    targets = torch.randint(0, bench_args.num_classes, (bench_args.batch_size,), generator=generator)
+    if bench_args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images.to(device), targets.to(device)
+
+
+def make_teacher(bench_args, device):
+    teacher = models.create_model(bench_args.teacher, bench_args.num_classes,
+                                  (3, bench_args.img_size, bench_args.img_size)).to(device)
+    if bench_args.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    return teacher.eval().requires_grad_(False)
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_variants(bench_args, device):
+    teacher = make_teacher(bench_args, device)
+    images, targets = make_batch(bench_args, device)
+    env = DistEnv(device=device)
+    built = {name: build(name, bench_args, teacher, device) for name in variant_names(bench_args.methods)}
+    peak_memory, times = {}, {name: [] for name in built}
+
+    def step(name):
+        distiller, optimizer, args = built[name]
+        distiller.train()
+        engine.train_step(distiller, distiller, images, targets, 0, optimizer, args, env)
+
+    for name in built:
+        for _ in range(bench_args.warmup):
+            step(name)
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+            step(name)
+            peak_memory[name] = torch.cuda.max_memory_allocated() / 2 ** 20
+    for _ in range(bench_args.rounds):
+        for name in built:
+            synchronize(device)
+            start = time.perf_counter()
+            step(name)
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    extra = {name: models.count_parameters(built[name][0].extra_parameters()) for name in built}
+    return {name: statistics.median(t) for name, t in times.items()}, peak_memory, extra
+
+
+def peak_rss_of(name, bench_args):
+    """Peak resident memory (MiB) of a fresh process that builds the variant and runs steps, minus the build."""
+    command = [sys.executable, os.path.abspath(__file__), '--memory-of', name] + bench_args.passthrough
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        return float('nan')
+    return json.loads(result.stdout.strip().splitlines()[-1])['peak_mib']
+
+
+def measure_memory_alone(name, bench_args):
+    device = torch.device('cpu')
+    teacher = make_teacher(bench_args, device)
+    images, targets = make_batch(bench_args, device)
+    distiller, optimizer, args = build(name, bench_args, teacher, device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(2):
+        engine.train_step(distiller.train(), distiller, images, targets, 0, optimizer, args, DistEnv(device=device))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({'peak_mib': (after - before) / 1024}))
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='resnet18')
+    parser.add_argument('--teacher', default='deit_tiny_patch16_224')
+    parser.add_argument('--img-size', type=int, default=64)
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--num-classes', type=int, default=100)
+    parser.add_argument('--methods', nargs='+', default=None, help='distillers (default: all but vanilla)')
+    parser.add_argument('--rounds', type=int, default=7, help='timed steps per variant')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed steps per variant first')
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
+    parser.add_argument('--no-memory', action='store_true', help='skip the per-variant memory processes (CPU)')
+    parser.add_argument('--memory-of', default=None, help=argparse.SUPPRESS)
+    parser.add_argument('extra', nargs='*', help='train.py flags for every variant, after --')
+    args = parser.parse_args(argv)
+    args.methods = args.methods or [m for m in distillers.distiller_names() if m != 'vanilla']
+    args.passthrough = ['--model', args.model, '--teacher', args.teacher, '--img-size', str(args.img_size),
+                        '--batch-size', str(args.batch_size), '--num-classes', str(args.num_classes),
+                        '--threads', str(args.threads)] + (['--channels-last'] if args.channels_last else []) \
+        + (['--'] + args.extra if args.extra else [])
+    return args
+
+
+def main(argv=None):
+    bench_args = parse(argv)
+    if bench_args.threads:
+        torch.set_num_threads(bench_args.threads)
+    if bench_args.memory_of:
+        return measure_memory_alone(bench_args.memory_of, bench_args)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    print(f'{bench_args.model} <- {bench_args.teacher}, {bench_args.img_size} px, batch {bench_args.batch_size}, '
+          f'{device.type}, {torch.get_num_threads()} threads, median of {bench_args.rounds} interleaved steps',
+          flush=True)
+    medians, peak_memory, extra = time_variants(bench_args, device)
+    if device.type == 'cpu' and not bench_args.no_memory:
+        peak_memory = {name: peak_rss_of(name, bench_args) for name in medians}
+    floor = medians['floor']
+    memory_label = 'peak MiB' if device.type == 'cuda' else 'peak RSS MiB'
+    print(f"\n| variant | ms/step | img/s | x floor | {memory_label} | extra params |")
+    print('|---|---:|---:|---:|---:|---:|')
+    for name, seconds in medians.items():
+        memory = peak_memory.get(name)
+        memory_cell = f'{memory:.0f}' if memory is not None else '-'
+        print(f'| {name} | {seconds * 1000:.1f} | {bench_args.batch_size / seconds:.1f} | {seconds / floor:.3f} | '
+              f'{memory_cell} | {extra[name] / 1e6:.3f} M |')
+
+
+if __name__ == '__main__':
+    main()
