@@ -75,7 +75,7 @@ class Distiller(nn.Module):
 
     def extra_modules(self):
         """Named child modules other than the student: the distiller's own trainable parts."""
-        return {name: module for name, module in self.named_children() if name != 'student'}
+        return {name: module for name, module in self.named_children() if name not in ('student', 'criterion')}
 
     def extra_parameters(self):
         return [p for name, module in self.extra_modules().items() for p in module.parameters()]

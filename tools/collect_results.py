@@ -21,13 +21,12 @@ import statistics
 import sys
 from typing import List, Optional
 
-import yaml
-
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 if TOOLS not in sys.path:
     sys.path.insert(0, TOOLS)
 from experiments import find_published, load_experiments  # noqa: E402
 from xkd.errors import UserError  # noqa: E402  (experiments put the repository root on the path)
+from xkd.yaml_file import load_yaml  # noqa: E402
 
 # Arguments that do not change what a run computes, or that differ between the seeds of one experiment.
 BOOKKEEPING_ARGS = ('seed', 'experiment', 'output', 'resume', 'data_dir', 'workers', 'pin_mem', 'log_interval',
@@ -84,13 +83,7 @@ def find_run_folders(paths):
 
 
 def read_run(folder):
-    with open(os.path.join(folder, 'args.yaml')) as f:
-        try:
-            args = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise UserError(f"'{folder}/args.yaml' does not parse ({str(e).splitlines()[0]})") from None
-    if not isinstance(args, dict):
-        raise UserError(f"'{folder}/args.yaml' is not a mapping of arguments; is it from train.py?")
+    args = load_yaml(os.path.join(folder, 'args.yaml'), 'run arguments')
     summary = []
     summary_path = os.path.join(folder, 'summary.csv')
     if os.path.isfile(summary_path):  # absent until the first epoch ends

@@ -123,7 +123,7 @@ def main():
                 '--output', output, '--experiment', f'student-{method}'] + METHOD_FLAGS.get(method, [])
         seconds = run_train(argv, os.path.join(output, f'student-{method}.out'))
         last, best = read_summary(run_dir)
-        rows.append((f'student (CNN, 300 train images)', method, last, best, seconds, run_dir))
+        rows.append(('student (CNN, 300 train images)', method, last, best, seconds, run_dir))
         print(f'student: {method} top-1 {last:.2f} in {seconds:.0f} s', flush=True)
 
     pictures = draw_pictures(output, methods, teacher_file)

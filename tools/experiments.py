@@ -18,13 +18,13 @@ import signal
 import sys
 from typing import Optional, Tuple
 
-import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from xkd.errors import UserError  # noqa: E402
+from xkd.yaml_file import load_yaml  # noqa: E402
 
 TABLE = os.path.join(ROOT, 'configs', 'experiments.yaml')
 TABLE_KEYS = ('dataset', 'num_classes', 'teacher_checkpoint', 'teachers', 'students', 'methods', 'published_top1')
@@ -76,15 +76,7 @@ def _methods(table, path):
 
 def read_table(path=TABLE):
     """The table as written, its shape checked so that a typo fails here rather than in a launched run."""
-    if not os.path.isfile(path):
-        raise UserError(f"experiment table '{path}' does not exist")
-    with open(path) as f:
-        try:
-            table = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise UserError(f"'{path}' does not parse as YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(table, dict):
-        raise UserError(f"'{path}' must be a mapping with the keys {', '.join(TABLE_KEYS)}")
+    table = load_yaml(path, 'experiment table')
     unknown = sorted(set(table) - set(TABLE_KEYS))
     missing = [key for key in TABLE_KEYS if key not in table]
     if unknown or missing:

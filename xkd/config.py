@@ -6,12 +6,12 @@ silently fall back to a default.
 """
 import argparse
 import difflib
-import os
 
 import yaml
 
 import distillers
 from .errors import UserError
+from .yaml_file import load_yaml
 
 DATASETS = ('cifar100', 'imagenet', 'folder', 'digits', 'fake')
 
@@ -165,25 +165,6 @@ def build_parser():
 
     add_runtime_arguments(parser)
     return parser
-
-
-def load_yaml(path):
-    """Read a YAML mapping; a parse error names the file and line."""
-    if not os.path.isfile(path):
-        raise UserError(f"config file '{path}' does not exist")
-    with open(path) as f:
-        try:
-            config = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            mark = getattr(e, 'problem_mark', None)
-            where = f' line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
-            problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
-            raise UserError(f"config '{path}'{where}: YAML does not parse ({problem})") from None
-    if config is None:
-        return {}
-    if not isinstance(config, dict):
-        raise UserError(f"config '{path}' must be a mapping of flag names to values, got {type(config).__name__}")
-    return config
 
 
 def yaml_defaults(parser, path):
