@@ -60,3 +60,13 @@ def cifar_dir(tmp_path_factory):
 @pytest.fixture(scope='session')
 def folder_dir(tmp_path_factory):
     return write_image_folder(str(tmp_path_factory.mktemp('folder')))
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors gain nothing from a second thread, and threads spinning on each other are several
+    times slower when the two cores are shared with another process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,5 +1,4 @@
 """DKD and DIST: hand-worked values, independent formulations, soft labels, the DKD warm-up."""
-import argparse
 import math
 
 import pytest
@@ -8,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distillers import get_distiller
+from helpers import distiller_args
 from distillers.dist import dist_loss
 from distillers.dkd import dkd_loss
 from distillers.kd import kd_loss
@@ -136,11 +136,7 @@ class Tiny(nn.Sequential):
 
 
 def build(name, **overrides):
-    parser = argparse.ArgumentParser()
-    get_distiller(name).add_arguments(parser)
-    args = parser.parse_args([])
-    vars(args).update(dict(gt_loss_weight=1.0, kd_loss_weight=1.0, kd_temperature=1.0, num_classes=5,
-                           input_size=(3, 4, 4)), **overrides)
+    args = distiller_args(name, num_classes=5, input_size=4, **overrides)
     torch.manual_seed(0)
     criterion = lambda logits, label: torch.sum(-label * F.log_softmax(logits, -1), -1).mean() if label.dim() > 1 \
         else F.cross_entropy(logits, label)

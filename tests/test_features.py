@@ -59,14 +59,7 @@ SMALL_TABLE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Batch-1 forwards of these models gain nothing from a second thread, and when the two cores are
-    # shared with another process, threads spinning on each other make them several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def create(name, **kwargs):

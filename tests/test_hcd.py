@@ -5,7 +5,6 @@ import argparse
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -13,18 +12,12 @@ import custom_model  # noqa: F401  (registers the demo and Swin-N/P models with 
 import train
 from custom_forward import forward_features
 from distillers import get_distiller
+from helpers import build_distiller, create, distiller_args
 from distillers.hcd import TokenProjector, orthogonality_loss, sublogit_kd_loss
 from distillers.kd import kd_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors gain nothing from a second thread, and threads spinning on each other are slow on
-    # two shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # --- the orthogonality loss ------------------------------------------------------------------------
@@ -122,33 +115,21 @@ def test_unknown_form():
 
 # --- the distiller ---------------------------------------------------------------------------------
 
-def make_args(num_classes=10, input_size=32, name='hcd', **overrides):
-    parser = argparse.ArgumentParser()
-    get_distiller(name).add_arguments(parser)
-    args = parser.parse_args([])
-    vars(args).update(dict(gt_loss_weight=1.0, kd_loss_weight=1.0, kd_temperature=1.0, num_classes=num_classes,
-                           input_size=(3, input_size, input_size)), **overrides)
-    return args
+def make_args(name='hcd', **overrides):
+    return distiller_args(name, **overrides)
 
 
 def build(student, teacher, name='hcd', criterion=None, **overrides):
-    torch.manual_seed(0)
-    return get_distiller(name)(student, teacher, criterion or torch.nn.CrossEntropyLoss(),
-                               make_args(name=name, **overrides))
-
-
-def create(name, **kwargs):
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kwargs)
+    return build_distiller(name, student, teacher, criterion, **overrides)
 
 
 def test_flags():
-    parser = argparse.ArgumentParser()
-    get_distiller('hcd').add_arguments(parser)
-    args = parser.parse_args([])
+    args = distiller_args('hcd')
     assert (args.hcd_stages, args.hcd_n, args.hcd_cfm_hidden, args.hcd_kl_weight, args.hcd_ce_weight,
             args.hcd_ortho_weight, args.hcd_ortho_tau, args.hcd_ortho_form, args.hcd_detach_target) == (
         [1, 2, 3, 4], 4, 0, 1.0, 1.0, 1.0, 0.5, 'hinge', True)
+    parser = argparse.ArgumentParser()
+    get_distiller('hcd').add_arguments(parser)
     assert parser.parse_args(['--no-hcd-detach-target']).hcd_detach_target is False
     assert parser.parse_args(['--hcd-detach-target']).hcd_detach_target is True
     assert parser.parse_args(['--hcd-stages', '2', '4']).hcd_stages == [2, 4]

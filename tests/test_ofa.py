@@ -1,27 +1,18 @@
 """OFA (SPEC.md section 3): the loss by hand and against the reference formulation, the eps flag, the
 branches for map and token students (with and without a class token), parameter counts."""
-import argparse
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
 import custom_model  # noqa: F401  (registers the demo and Swin-N/P models with timm)
 from custom_forward import forward_features
-from distillers import get_distiller
+from helpers import build_distiller, create, distiller_args
 from distillers.ofa import TokenBranch, num_mergers, ofa_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors gain nothing from a second thread, and threads spinning on each other are slow on
-    # two shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def log_probs(*probabilities):
@@ -80,23 +71,12 @@ def test_ofa_loss_finite_for_confident_student():
 
 # --- branches and the distiller --------------------------------------------------------------------
 
-def make_args(num_classes=10, input_size=32, **overrides):
-    parser = argparse.ArgumentParser()
-    get_distiller('ofa').add_arguments(parser)
-    args = parser.parse_args([])
-    vars(args).update(dict(gt_loss_weight=1.0, kd_loss_weight=1.0, kd_temperature=1.0, num_classes=num_classes,
-                           input_size=(3, input_size, input_size)), **overrides)
-    return args
+def make_args(**overrides):
+    return distiller_args('ofa', **overrides)
 
 
 def build(student, teacher, **overrides):
-    torch.manual_seed(0)
-    return get_distiller('ofa')(student, teacher, torch.nn.CrossEntropyLoss(), make_args(**overrides))
-
-
-def create(name, **kwargs):
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kwargs)
+    return build_distiller('ofa', student, teacher, **overrides)
 
 
 def test_flags_defaults():

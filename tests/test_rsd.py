@@ -4,24 +4,17 @@ import argparse
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
 import custom_model  # noqa: F401  (registers the demo and Swin-N/P models with timm)
 import distillers.rsd as rsd
 from distillers import get_distiller
+from helpers import build_distiller, create, distiller_args
 from distillers.rsd import rsd_loss, rsd_loss_correlation, rsd_loss_gram
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors gain nothing from a second thread, and threads spinning on each other are slow on
-    # two shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def plain_rsd(student, teacher, kappa, rows_per_block=1000):
@@ -128,26 +121,15 @@ def test_match_size_pools_larger_and_interpolates_smaller_teacher_maps():
 
 # --- the distiller ---------------------------------------------------------------------------------
 
-def build(student, teacher, input_size, num_classes=10, **overrides):
-    parser = argparse.ArgumentParser()
-    get_distiller('rsd').add_arguments(parser)
-    args = parser.parse_args([])
-    vars(args).update(dict(gt_loss_weight=1.0, kd_loss_weight=1.0, kd_temperature=1.0, num_classes=num_classes,
-                           input_size=(3, input_size, input_size)), **overrides)
-    torch.manual_seed(0)
-    return get_distiller('rsd')(student, teacher, torch.nn.CrossEntropyLoss(), args)
-
-
-def create(name, **kwargs):
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kwargs)
+def build(student, teacher, input_size, **overrides):
+    return build_distiller('rsd', student, teacher, input_size=input_size, **overrides)
 
 
 def test_flags_defaults():
+    args = distiller_args('rsd')
+    assert (args.rsd_loss_weight, args.rsd_kappa, args.rsd_gamma, args.rsd_stage) == (0.1, 0.01, 2, [-1])
     parser = argparse.ArgumentParser()
     get_distiller('rsd').add_arguments(parser)
-    args = parser.parse_args([])
-    assert (args.rsd_loss_weight, args.rsd_kappa, args.rsd_gamma, args.rsd_stage) == (0.1, 0.01, 2, [-1])
     assert parser.parse_args(['--rsd-stage', '-1', '2', '4']).rsd_stage == [-1, 2, 4]
 
 
