@@ -30,9 +30,10 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def demo_vit_teacher(pretrained=False, **kwargs) -> VisionTransformer:
-    """ViT for 32 px: patch 4 (an 8x8 grid plus a class token), width 96, 6 blocks of 3 heads, MLP ratio 2."""
+    """ViT for 32 px: patch 8 (a 4x4 grid plus a class token: each patch is 2x2 pixels of the 8x8 digit),
+    width 96, 6 blocks of 3 heads, MLP ratio 2. Patch 4 trained no better on the digits, at four times the cost."""
     model_args = dict(
-        img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.,
+        img_size=32, patch_size=8, embed_dim=96, depth=6, num_heads=3, mlp_ratio=2.,
         class_token=True, global_pool='token')
     return build_from_scratch(VisionTransformer, 'demo_vit_teacher', pretrained, **dict(model_args, **kwargs))
 

@@ -52,9 +52,9 @@ SMALL_TABLE = [
      [(256, 64), (64, 128), (16, 256), (4, 512), (512,)]),
     ('mixer_s16_224', {'img_size': 64}, 64, 'tokens', 0, [(16, 512)] * 4 + [(512,)]),
     ('resmlp_12_224', {'img_size': 64}, 64, 'tokens', 0, [(16, 384)] * 4 + [(384,)]),
-    ('demo_vit_teacher', {}, 32, 'tokens', 1, [(65, 96)] * 4 + [(96,)]),
-    ('demo_vit_teacher', {'class_token': False, 'global_pool': 'avg'}, 32, 'tokens', 0, [(64, 96)] * 4 + [(96,)]),
-    ('demo_vit_teacher', {'reg_tokens': 4}, 32, 'tokens', 5, [(69, 96)] * 4 + [(96,)]),
+    ('demo_vit_teacher', {}, 32, 'tokens', 1, [(17, 96)] * 4 + [(96,)]),
+    ('demo_vit_teacher', {'class_token': False, 'global_pool': 'avg'}, 32, 'tokens', 0, [(16, 96)] * 4 + [(96,)]),
+    ('demo_vit_teacher', {'reg_tokens': 4}, 32, 'tokens', 5, [(21, 96)] * 4 + [(96,)]),
     ('demo_resnet_student', {}, 32, 'map', 0, [(16, 8, 8), (32, 4, 4), (64, 2, 2), (128, 1, 1), (128,)]),
 ]
 

@@ -123,7 +123,7 @@ def test_map_student_token_teacher():
 
 
 def test_vit_student_with_class_token_map_teacher():
-    student, teacher = create('demo_vit_teacher'), create('demo_resnet_student')  # 8 x 8 grid, 1 prefix token
+    student, teacher = create('demo_vit_teacher', patch_size=4), create('demo_resnet_student')  # 8 x 8 grid, 1 prefix token
     distiller = build(student, teacher)
     for k in (1, 2, 3, 4):
         branch = distiller.branches[f'stage{k}']
@@ -133,7 +133,7 @@ def test_vit_student_with_class_token_map_teacher():
 
 
 def test_token_branch_reads_the_class_token():
-    student, teacher = create('demo_vit_teacher').eval(), create('demo_resnet_student')
+    student, teacher = create('demo_vit_teacher', patch_size=4).eval(), create('demo_resnet_student')
     branch = build(student, teacher).branches['stage4'].eval()
     tokens = torch.randn(2, 65, 96)
     changed = tokens.clone()

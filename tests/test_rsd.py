@@ -195,7 +195,7 @@ def test_stage_features(student_name, teacher_name, input_size, student_kwargs, 
 
 
 def test_stage_loss_is_rsd_of_the_flattened_maps():
-    student, teacher = create('demo_resnet_student'), create('demo_vit_teacher')
+    student, teacher = create('demo_resnet_student'), create('demo_vit_teacher', patch_size=4)
     distiller = build(student, teacher, 32, rsd_stage=[2]).eval()
     image = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

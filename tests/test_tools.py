@@ -243,8 +243,8 @@ def test_cka_map_end_to_end(real_run, tmp_path, capsys):
         rows = list(csv.reader(f))
     assert rows[0] == ['teacher demo_vit_teacher \\ student demo_resnet_student', 'stage 1 (16x8x8)',
                        'stage 2 (32x4x4)', 'stage 3 (64x2x2)', 'stage 4 (128x1x1)', 'embedding (128)']
-    assert [row[0] for row in rows[1:]] == ['stage 1 (65x96)', 'stage 2 (65x96)', 'stage 3 (65x96)',
-                                            'stage 4 (65x96)', 'embedding (96)']
+    assert [row[0] for row in rows[1:]] == ['stage 1 (17x96)', 'stage 2 (17x96)', 'stage 3 (17x96)',
+                                            'stage 4 (17x96)', 'embedding (96)']
     written = torch.tensor([[float(value) for value in row[1:]] for row in rows[1:]], dtype=matrix.dtype)
     assert torch.allclose(written, matrix, atol=1e-6)
 
