@@ -42,7 +42,7 @@ def check_inputs(args, distiller_class):
             raise UserError(f"--teacher-pretrained '{args.teacher_pretrained}' does not exist")
     if args.amp and args.amp_dtype == 'float16' and args.device_type != 'cuda':
         raise UserError('--amp-dtype float16 needs a GPU; on CPU use --amp --amp-dtype bfloat16')
-    if args.teacher_dtype == 'float16' and args.device_type != 'cuda':
+    if models.teacher_dtype(args) == torch.float16 and args.device_type != 'cuda':
         raise UserError('--teacher-dtype float16 needs a GPU; on CPU use --teacher-dtype bfloat16')
     if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):
         raise UserError(f"--resume '{args.resume}' does not exist (use --resume auto to continue the run "
@@ -91,7 +91,7 @@ def main(argv=None):
         raise UserError(f'--distiller {args.distiller}: {e}') from None
     distiller.to(env.device)
     if teacher is not None:
-        teacher.to(env.device, dtype=getattr(torch, args.teacher_dtype))
+        teacher.to(env.device, dtype=models.teacher_dtype(args))
     if args.channels_last:
         distiller.to(memory_format=torch.channels_last)
         if teacher is not None:

@@ -7,16 +7,18 @@
 Variants, interleaved round by round after a warm-up so that a noisy machine slows them alike:
 - `student`: the student's own step (vanilla);
 - `floor`: the student's step plus the teacher's float32 forward under no_grad, what the reference code
-  bases pay before any distillation loss;
-- each registered distiller, in float32 and with `--amp --amp-dtype bfloat16`.
+  bases pay before any distillation loss (in their order: student, then teacher);
+- each registered distiller, in float32 and with `--amp --amp-dtype bfloat16` (the teacher then kept in
+  bfloat16, as train.py does).
 It prints the median ms per step, images per second, the ratio to the float32 floor, peak memory of the
-step (CUDA: max allocated; CPU: peak resident memory of a fresh process running that variant alone) and
+step (CUDA: max allocated; CPU: peak resident memory of a fresh process stepping that variant alone, the
+models and optimizer state included) and
 the distiller's extra parameters.
 """
 import argparse
+import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,12 +37,13 @@ from xkd.distributed import DistEnv  # noqa: E402
 
 
 class Floor(distillers.Distiller):
-    """The student's step plus a float32 teacher forward under no_grad whose output no loss reads."""
+    """The student's step plus a float32 teacher forward under no_grad whose output no loss reads, in the
+    reference code bases' order: the student first, then the teacher."""
 
     def forward(self, image, label, epoch=0):
+        logits = self.student(image)
         with torch.no_grad():
             self.teacher(image.float())
-        logits = self.student(image)
         return logits, {'loss_gt': self.gt_loss(logits, label)}
 
 
@@ -49,8 +52,8 @@ def variant_names(methods):
     return names
 
 
-def build(name, bench_args, teacher, device):
-    """A distiller, its optimizer and its arguments for variant `name`."""
+def build(name, bench_args, teachers, device):
+    """A distiller, its optimizer and its arguments for variant `name`; `teachers` maps dtype to teacher."""
     method, _, precision = name.partition(' ')
     distiller_name = {'student': 'vanilla', 'floor': 'vanilla'}.get(method, method)
     flags = ['--distiller', distiller_name] + (['--amp', '--amp-dtype', 'bfloat16'] if precision == 'bf16' else [])
@@ -60,6 +63,7 @@ def build(name, bench_args, teacher, device):
     torch.manual_seed(0)
     student = models.create_model(bench_args.model, args.num_classes, args.input_size).to(device)
     distiller_class = Floor if method == 'floor' else distillers.get_distiller(distiller_name)
+    teacher = teachers[torch.float32 if method == 'floor' else models.teacher_dtype(args)]
     distiller = distiller_class(student, teacher if distiller_class.requires_teacher else None,
                                 torch.nn.CrossEntropyLoss(), args).to(device)
     optimizer = create_optimizer_v2(distiller, opt='sgd', lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -77,12 +81,15 @@ def make_batch(bench_args, device):
     return images.to(device), targets.to(device)
 
 
-def make_teacher(bench_args, device):
+def make_teachers(bench_args, device):
+    """The same teacher weights in float32 and in bfloat16 (what train.py keeps under --amp)."""
+    torch.manual_seed(1)
     teacher = models.create_model(bench_args.teacher, bench_args.num_classes,
                                   (3, bench_args.img_size, bench_args.img_size)).to(device)
     if bench_args.channels_last:
         teacher.to(memory_format=torch.channels_last)
-    return teacher.eval().requires_grad_(False)
+    teacher.eval().requires_grad_(False)
+    return {torch.float32: teacher, torch.bfloat16: copy.deepcopy(teacher).to(torch.bfloat16)}
 
 
 def synchronize(device):
@@ -91,10 +98,10 @@ def synchronize(device):
 
 
 def time_variants(bench_args, device):
-    teacher = make_teacher(bench_args, device)
+    teachers = make_teachers(bench_args, device)
     images, targets = make_batch(bench_args, device)
     env = DistEnv(device=device)
-    built = {name: build(name, bench_args, teacher, device) for name in variant_names(bench_args.methods)}
+    built = {name: build(name, bench_args, teachers, device) for name in variant_names(bench_args.methods)}
     peak_memory, times = {}, {name: [] for name in built}
 
     def step(name):
@@ -121,7 +128,7 @@ def time_variants(bench_args, device):
 
 
 def peak_rss_of(name, bench_args):
-    """Peak resident memory (MiB) of a fresh process that builds the variant and runs steps, minus the build."""
+    """Peak resident memory (MiB) of a fresh process running the variant's steps (models, optimizer included)."""
     command = [sys.executable, os.path.abspath(__file__), '--memory-of', name] + bench_args.passthrough
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
@@ -129,16 +136,27 @@ def peak_rss_of(name, bench_args):
     return json.loads(result.stdout.strip().splitlines()[-1])['peak_mib']
 
 
+def proc_status_mib(field):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) / 1024
+    return float('nan')
+
+
 def measure_memory_alone(name, bench_args):
+    """Peak resident memory while the variant steps, after one warm-up step (Linux: VmHWM reset by clear_refs)."""
     device = torch.device('cpu')
-    teacher = make_teacher(bench_args, device)
+    teachers = make_teachers(bench_args, device)
     images, targets = make_batch(bench_args, device)
-    distiller, optimizer, args = build(name, bench_args, teacher, device)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    distiller, optimizer, args = build(name, bench_args, teachers, device)
+    env = DistEnv(device=device)
+    engine.train_step(distiller.train(), distiller, images, targets, 0, optimizer, args, env)
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # reset the peak (high-water mark) to the current resident size
     for _ in range(2):
-        engine.train_step(distiller.train(), distiller, images, targets, 0, optimizer, args, DistEnv(device=device))
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({'peak_mib': (after - before) / 1024}))
+        engine.train_step(distiller, distiller, images, targets, 0, optimizer, args, env)
+    print(json.dumps({'peak_mib': proc_status_mib('VmHWM')}))
 
 
 def parse(argv=None):

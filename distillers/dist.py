@@ -47,8 +47,8 @@ class DIST(Distiller):
         parser.add_argument('--dist-tau', type=float, default=1.0, help='DIST temperature')
 
     def forward(self, image, label, epoch=0):
-        logits_student = self.student(image)
         logits_teacher = self.teacher_logits(image)
+        logits_student = self.student(image)
         loss_kd = dist_loss(logits_student, logits_teacher, self.args.dist_beta, self.args.dist_gamma,
                             self.args.dist_tau)
         return logits_student, {'loss_gt': self.gt_loss(logits_student, label), 'loss_kd': loss_kd}

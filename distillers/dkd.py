@@ -63,8 +63,8 @@ class DKD(Distiller):
                             help='epochs over which the DKD loss ramps up linearly from 0')
 
     def forward(self, image, label, epoch=0):
-        logits_student = self.student(image)
         logits_teacher = self.teacher_logits(image)
+        logits_student = self.student(image)
         warmup = self.args.dkd_warmup
         # mdistiller counts epochs from 1, so the first epoch already trains with 1/warmup of the loss.
         ramp = min((epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0

@@ -22,7 +22,7 @@ from custom_forward import (embedding_dim, feature_format, forward_features, num
 
 from ._base import Distiller, hard_target
 from .kd import kd_loss
-from .ofa import init_branch_weights, map_branch
+from .ofa import init_branch_weights, map_branch, run_map_branch
 from .registry import register_distiller
 
 ORTHO_FORMS = ('hinge', 'frobenius')
@@ -106,9 +106,10 @@ class HCD(Distiller):
         projection_dim = max(student_dim, teacher_dim)  # D*, as OFA's branches
         self.projectors = nn.ModuleDict()
         self.feature_mappers = nn.ModuleDict()
+        self.map_student = feature_format(student) == 'map'
         for stage in self.stages:
             shape = stage_info(student, stage, args.input_size)
-            if feature_format(student) == 'map':
+            if self.map_student:
                 projector = map_projector(shape[0], stage, projection_dim)
             else:
                 projector = TokenProjector(num_prefix_tokens(student), shape[1], projection_dim)
@@ -156,14 +157,15 @@ class HCD(Distiller):
     def sublogits(self, stage, stage_feature, teacher_embedding):
         """The n sub-logits [B, n, K] of stage k: CFM_k(concat(u_k, t)) reshaped from [B, n*K]."""
         key = f'stage{stage}'
-        projected = self.projectors[key](stage_feature)
+        projector = self.projectors[key]
+        projected = run_map_branch(projector, stage_feature) if self.map_student else projector(stage_feature)
         shared_logits = self.feature_mappers[key](torch.cat([projected, teacher_embedding], dim=1))
         return shared_logits.reshape(-1, self.num_sub, self.num_classes)
 
     def forward(self, image, label, epoch=0):
         args = self.args
-        logits_student, student_features = forward_features(self.student, image)
         logits_teacher, teacher_features = self.teacher_features(image)
+        logits_student, student_features = forward_features(self.student, image)
         teacher_embedding = teacher_features[-1]  # computed under no_grad: already detached
         target = hard_target(label)
         repeated_label = label.repeat_interleave(self.num_sub, dim=0)  # row b*n + i is sample b's label

@@ -19,7 +19,7 @@ def kd_loss(logits_student, logits_teacher, temperature=1.0):
 class KD(Distiller):
 
     def forward(self, image, label, epoch=0):
-        logits_student = self.student(image)
         logits_teacher = self.teacher_logits(image)
+        logits_student = self.student(image)
         loss_kd = self.args.kd_loss_weight * kd_loss(logits_student, logits_teacher, self.args.kd_temperature)
         return logits_student, {'loss_gt': self.gt_loss(logits_student, label), 'loss_kd': loss_kd}

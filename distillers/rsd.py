@@ -226,8 +226,8 @@ class RSD(Distiller):
                             help='features to match: -1 the pooled embedding, 1..4 stage maps (several allowed)')
 
     def forward(self, image, label, epoch=0):
-        logits_student, student_features = forward_features(self.student, image)
         _, teacher_features = self.teacher_features(image)
+        logits_student, student_features = forward_features(self.student, image)
         loss_rsd = 0.
         for stage in self.stages:
             projector = self.projectors[_stage_key(stage)]

@@ -53,6 +53,7 @@ def student_weights(run_dir):
 def assert_same_weights(a, b, atol=1e-5):
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    print(f'largest weight difference between the runs: {worst:.2e}')
     assert worst <= atol, f'largest weight difference {worst:.2e}'
 
 

@@ -69,3 +69,15 @@ def test_torchcompile_trains(tmp_path):
     train.main(FAST + ['--torchcompile', '--output', str(tmp_path), '--experiment', 'compiled'])
     checkpoint = torch.load(tmp_path / 'compiled' / 'last.pth.tar', weights_only=True)
     assert not any(key.startswith('_orig_mod') for key in checkpoint['state_dict'])
+
+
+def test_ofa_map_branches_run_in_float32_on_cpu_under_autocast():
+    distiller = make_distiller('ofa')
+    image, label = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, losses = distiller(image, label)
+        branch_logits = distillers.ofa.run_map_branch(distiller.branches['stage1'],
+                                                     torch.randn(2, 16, 8, 8, dtype=torch.bfloat16))
+    assert branch_logits.dtype == torch.float32 and all(v.dtype == torch.float32 for v in losses.values())
+    sum(losses.values()).backward()
+    assert distiller.branches['stage1'][0][0].weight.grad is not None

@@ -98,9 +98,9 @@ def build_parser():
     group.add_argument('--teacher-pretrained', default='', metavar='FILE', help='teacher weights file')
     group.add_argument('--teacher-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='extra keyword arguments for the teacher, key=value')
-    group.add_argument('--teacher-dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),
-                       help="keep the teacher's weights in this dtype (halves its memory); its outputs are cast "
-                            "back to float32 before any loss")
+    group.add_argument('--teacher-dtype', default=None, choices=('float32', 'bfloat16', 'float16'),
+                       help="keep the frozen teacher's weights in this dtype (default: the AMP dtype under --amp, "
+                            "else float32); its outputs are cast back to float32 before any loss")
     group.add_argument('--eval-teacher', action='store_true',
                        help='evaluate the teacher on the validation set before training')
     group.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm for the student (distributed)')

@@ -144,5 +144,12 @@ def create_teacher(args):
     return teacher
 
 
+def teacher_dtype(args):
+    """--teacher-dtype, else the AMP dtype under --amp: the frozen teacher needs no float32 master weights,
+    and autocast would otherwise cast all of its weights again at every step."""
+    name = args.teacher_dtype or (args.amp_dtype if args.amp else 'float32')
+    return getattr(torch, name)
+
+
 def count_parameters(parameters):
     return sum(p.numel() for p in parameters)
