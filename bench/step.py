@@ -102,25 +102,34 @@ def time_variants(bench_args, device):
     images, targets = make_batch(bench_args, device)
     env = DistEnv(device=device)
     built = {name: build(name, bench_args, teachers, device) for name in variant_names(bench_args.methods)}
-    peak_memory, times = {}, {name: [] for name in built}
+    peak_memory = {}
 
     def step(name):
         distiller, optimizer, args = built[name]
         distiller.train()
         engine.train_step(distiller, distiller, images, targets, 0, optimizer, args, env)
 
-    for name in built:
+    def teacher_forward(context):
+        with context():
+            teachers[torch.float32](images)
+
+    # The float32 teacher's forward alone, under each grad mode, timed in the same rounds as the steps.
+    calls = {name: (lambda name=name: step(name)) for name in built}
+    calls.update({f'teacher forward, {context.__name__}': (lambda context=context: teacher_forward(context))
+                  for context in (torch.no_grad, torch.inference_mode)})
+    times = {name: [] for name in calls}
+    for name, call in calls.items():
         for _ in range(bench_args.warmup):
-            step(name)
-        if device.type == 'cuda':
+            call()
+        if device.type == 'cuda' and name in built:
             torch.cuda.reset_peak_memory_stats()
-            step(name)
+            call()
             peak_memory[name] = torch.cuda.max_memory_allocated() / 2 ** 20
     for _ in range(bench_args.rounds):
-        for name in built:
+        for name, call in calls.items():
             synchronize(device)
             start = time.perf_counter()
-            step(name)
+            call()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
     extra = {name: models.count_parameters(built[name][0].extra_parameters()) for name in built}
@@ -196,6 +205,7 @@ def main(argv=None):
     medians, peak_memory, extra = time_variants(bench_args, device)
     if device.type == 'cpu' and not bench_args.no_memory:
         peak_memory = {name: peak_rss_of(name, bench_args) for name in medians}
+    teacher_times = {name: medians.pop(name) for name in list(medians) if name.startswith('teacher forward')}
     floor = medians['floor']
     memory_label = 'peak MiB' if device.type == 'cuda' else 'peak RSS MiB'
     print(f"\n| variant | ms/step | img/s | x floor | {memory_label} | extra params |")
@@ -205,6 +215,9 @@ def main(argv=None):
         memory_cell = f'{memory:.0f}' if memory is not None else '-'
         print(f'| {name} | {seconds * 1000:.1f} | {bench_args.batch_size / seconds:.1f} | {seconds / floor:.3f} | '
               f'{memory_cell} | {extra[name] / 1e6:.3f} M |')
+    no_grad, inference = teacher_times['teacher forward, no_grad'], teacher_times['teacher forward, inference_mode']
+    print(f'\nTeacher forward alone (float32): no_grad {no_grad * 1000:.1f} ms, inference_mode '
+          f'{inference * 1000:.1f} ms ({inference / no_grad:.3f} x)')
 
 
 if __name__ == '__main__':

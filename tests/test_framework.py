@@ -284,3 +284,15 @@ def test_yaml_scalar_for_a_list_flag_is_a_one_element_list(tmp_path):
     config.write_text('ofa_eps: 1.5\nrsd_stage: -1\n')
     args = parse_args(['--config', str(config)])
     assert args.ofa_eps == [1.5] and args.rsd_stage == [-1]
+
+
+def test_validate_use_ema_reads_the_ema_weights(tmp_path, capsys):
+    train.main(FAST + ['--model-ema', '--model-ema-decay', '0.5', '--output', str(tmp_path), '--experiment', 'ema'])
+    checkpoint = str(tmp_path / 'ema' / 'last.pth.tar')
+    capsys.readouterr()
+    validate.main(['--dataset', 'fake', '--fake-samples', '32', '--checkpoint', checkpoint, '--workers', '0',
+                   '--use-ema'])
+    ema_line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = (tmp_path / 'ema' / 'summary.csv').read_text().splitlines()
+    row = dict(zip(summary[0].split(','), summary[1].split(',')))
+    assert abs(ema_line['top1'] - float(row['eval_ema_top1'])) < 1e-6 and ema_line['count'] == 10

@@ -4,6 +4,7 @@ Only sizes are overridden so that they finish in seconds: 32 px images and one e
 of random pickles and a Swin-T teacher checkpoint of random weights written here.
 """
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -59,3 +60,20 @@ def test_train_sh_launches_n_processes(cifar_dir, swin_teacher, tmp_path):
 def test_train_sh_rejects_a_non_number(tmp_path):
     result = subprocess.run(['bash', 'train.sh', 'two'], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and 'number of processes' in result.stderr
+
+
+def test_validate_readme_command(cifar_dir, tmp_path):
+    """SPEC.md's validate.py line, verbatim, from a folder holding data/cifar100 and the teacher file."""
+    os.makedirs(tmp_path / 'data')
+    os.symlink(cifar_dir, tmp_path / 'data' / 'cifar100')
+    os.makedirs(tmp_path / 'pretrained')
+    model = timm.create_model('swin_tiny_patch4_window7_224', num_classes=100)
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'pretrained' / 'swin_tiny_patch4_window7_224_cifar100.pth')
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'validate.py'), 'data/cifar100', '--dataset', 'cifar100',
+         '--num-classes', '100', '--model', 'swin_tiny_patch4_window7_224',
+         '--checkpoint', 'pretrained/swin_tiny_patch4_window7_224_cifar100.pth'],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '2'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line['count'] == 100 and set(line) >= {'top1', 'top5', 'loss'}
