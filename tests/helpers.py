@@ -1,10 +1,12 @@
-"""Building distillers directly, without train.py, for the method tests."""
+"""Shared test helpers: building distillers directly, and running train.py to a user error."""
 import argparse
 
 import timm
 import torch
 
+import train
 from distillers import get_distiller
+from xkd.run import run_cli
 
 
 def distiller_args(name, num_classes=10, input_size=32, **overrides):
@@ -27,3 +29,18 @@ def create(name, **kwargs):
     """A timm model with seeded random weights."""
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def cli_error(capsys, argv, main=train.main):
+    """Run a command line that must fail: exit status 2, one line on stderr, no training step before it."""
+    capsys.readouterr()
+    try:
+        status = run_cli(main, argv)
+    except SystemExit as exit:  # argparse's own usage errors
+        status = exit.code
+    assert status == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.count('\n') == 0 and err.startswith('error: '), err
+    assert 'Train: ' not in captured.out, 'a training step ran before the error'
+    return err

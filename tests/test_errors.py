@@ -5,24 +5,11 @@ import torch
 
 import distillers
 import train
+from helpers import cli_error
 from xkd.run import run_cli
 
 FAST = ['--dataset', 'fake', '--fake-samples', '32', '--img-size', '32', '--batch-size', '8', '--epochs', '1',
         '--workers', '0', '--model', 'demo_resnet_student']
-
-
-def cli_error(capsys, argv):
-    capsys.readouterr()
-    try:
-        status = run_cli(train.main, argv)
-    except SystemExit as exit:  # argparse's own usage errors
-        status = exit.code
-    assert status == 2
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert err.count('\n') == 0 and err.startswith('error: '), err
-    assert 'Train: ' not in captured.out, 'a training step ran before the error'
-    return err
 
 
 def test_unknown_dataset_type_on_the_command_line(capsys):

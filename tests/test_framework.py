@@ -13,7 +13,7 @@ from distillers.kd import kd_loss
 from xkd import data
 from xkd.config import build_parser, parse_args
 from xkd.errors import UserError
-from xkd.run import run_cli
+from helpers import cli_error
 
 FAST = ['--dataset', 'fake', '--fake-samples', '32', '--img-size', '32', '--batch-size', '8', '--epochs', '1',
         '--workers', '0', '--log-interval', '2', '--model', 'demo_resnet_student']
@@ -215,26 +215,18 @@ def test_eval_teacher_logs_its_accuracy(tmp_path):
 
 # ---------------------------------------------------------------- errors a user sees
 
-def cli_error(capsys, main, argv):
-    capsys.readouterr()
-    assert run_cli(main, argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count('\n') == 0 and err.startswith('error: '), err
-    return err
-
-
 def test_unknown_model_suggests_close_names(capsys, tmp_path):
-    err = cli_error(capsys, train.main, FAST + ['--model', 'resnet_18', '--output', str(tmp_path)])
+    err = cli_error(capsys, FAST + ['--model', 'resnet_18', '--output', str(tmp_path)])
     assert "unknown model 'resnet_18'" in err and 'resnet18' in err
 
 
 def test_unknown_distiller_lists_the_known_ones(capsys, tmp_path):
-    err = cli_error(capsys, train.main, FAST + ['--distiller', 'rds', '--output', str(tmp_path)])
+    err = cli_error(capsys, FAST + ['--distiller', 'rds', '--output', str(tmp_path)])
     assert "unknown distiller 'rds'" in err and 'kd' in err and 'vanilla' in err
 
 
 def test_missing_data_folder(capsys, tmp_path):
-    err = cli_error(capsys, train.main, [str(tmp_path / 'nowhere'), '--dataset', 'cifar100',
+    err = cli_error(capsys, [str(tmp_path / 'nowhere'), '--dataset', 'cifar100',
                                          '--output', str(tmp_path)])
     assert 'CIFAR-100 not found' in err
 
@@ -242,19 +234,19 @@ def test_missing_data_folder(capsys, tmp_path):
 def test_malformed_yaml_on_the_command_line(capsys, tmp_path):
     config = tmp_path / 'bad.yaml'
     config.write_text('lr: [0.1\n')
-    err = cli_error(capsys, train.main, ['--config', str(config)])
+    err = cli_error(capsys, ['--config', str(config)])
     assert 'bad.yaml' in err and 'line' in err
 
 
 def test_distiller_needs_a_teacher(capsys, tmp_path):
-    err = cli_error(capsys, train.main, FAST + ['--distiller', 'kd', '--output', str(tmp_path)])
+    err = cli_error(capsys, FAST + ['--distiller', 'kd', '--output', str(tmp_path)])
     assert '--teacher' in err
 
 
 def test_teacher_checkpoint_of_another_architecture(capsys, tmp_path):
     wrong = tmp_path / 'wrong.pth'
     torch.save(timm.create_model('demo_resnet_student', num_classes=10).state_dict(), wrong)
-    err = cli_error(capsys, train.main, FAST + ['--distiller', 'kd', '--teacher', 'demo_vit_teacher',
+    err = cli_error(capsys, FAST + ['--distiller', 'kd', '--teacher', 'demo_vit_teacher',
                                                 '--teacher-pretrained', str(wrong), '--output', str(tmp_path)])
     assert 'does not fit model' in err and 'missing' in err
 
@@ -262,7 +254,7 @@ def test_teacher_checkpoint_of_another_architecture(capsys, tmp_path):
 def test_teacher_head_with_another_class_count(capsys, tmp_path):
     path = tmp_path / 'teacher100.pth'
     torch.save(timm.create_model('demo_vit_teacher', num_classes=100).state_dict(), path)
-    err = cli_error(capsys, train.main, FAST + ['--distiller', 'kd', '--teacher', 'demo_vit_teacher',
+    err = cli_error(capsys, FAST + ['--distiller', 'kd', '--teacher', 'demo_vit_teacher',
                                                 '--teacher-pretrained', str(path), '--output', str(tmp_path)])
     assert '100 classes' in err and '--num-classes is 10' in err
 
