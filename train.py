@@ -42,6 +42,8 @@ def check_inputs(args, distiller_class):
             raise UserError(f"--teacher-pretrained '{args.teacher_pretrained}' does not exist")
     if args.amp and args.amp_dtype == 'float16' and args.device_type != 'cuda':
         raise UserError('--amp-dtype float16 needs a GPU; on CPU use --amp --amp-dtype bfloat16')
+    if args.sync_bn and args.device_type != 'cuda':
+        raise UserError('--sync-bn needs GPUs: PyTorch\'s SyncBatchNorm runs on CUDA only; leave it out on CPU')
     if models.teacher_dtype(args) == torch.float16 and args.device_type != 'cuda':
         raise UserError('--teacher-dtype float16 needs a GPU; on CPU use --teacher-dtype bfloat16')
     if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):

@@ -76,3 +76,8 @@ def test_a_fresh_run_never_overwrites_a_named_run(capsys, tmp_path):
     train.main(args)
     err = cli_error(capsys, args)
     assert 'already holds a run' in err and '--resume auto' in err
+
+
+def test_sync_bn_on_cpu_says_it_needs_gpus(capsys):
+    err = cli_error(capsys, FAST + ['--sync-bn', '--device', 'cpu'])
+    assert '--sync-bn needs GPUs' in err
