@@ -73,7 +73,8 @@ def main(argv=None):
     args.num_classes = args.num_classes or data.dataset_num_classes(args, train_set)
     args.input_size = resolve_input_size(args, args.model)
 
-    args.output_dir = output_folder(args)
+    # Every rank checks the folder (so all fail alike); rank 0's choice of a fresh suffix is the one used.
+    args.output_dir = distributed.broadcast_object(output_folder(args), env)
     if env.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
     setup_logging(args.output_dir, env.is_main)

@@ -76,6 +76,15 @@ def check_replicas(module, env):
             raise RuntimeError(f'the weights of rank {rank} differ from those of rank 0')
 
 
+def broadcast_object(obj, env):
+    """Rank 0's `obj` on every rank."""
+    if not env.distributed:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def barrier(env):
     if env.distributed:
         dist.barrier()
