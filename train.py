@@ -26,7 +26,7 @@ from xkd import checkpoint, data, distributed, engine, models
 from xkd.config import check_args, parse_args, run_arguments
 from xkd.errors import UserError
 from xkd.logger import RunRecorder, setup_logging
-from xkd.run import output_folder, resolve_input_size, run_cli, seed_everything
+from xkd.run import output_folder, resolve_amp_dtype, resolve_input_size, run_cli, seed_everything
 
 _logger = logging.getLogger('train')
 
@@ -65,7 +65,7 @@ def main(argv=None):
     distiller_class = distillers.get_distiller(args.distiller)
     env = distributed.init_distributed(args.local_rank, args.device)
     args.device_type = env.device.type
-    args.amp_dtype = args.amp_dtype or ('float16' if env.device.type == 'cuda' else 'bfloat16')
+    args.amp_dtype = resolve_amp_dtype(args, env.device)
     args.world_size = env.world_size
     check_inputs(args, distiller_class)
 

@@ -16,7 +16,7 @@ import torch
 from xkd import data, distributed, engine, models
 from xkd.config import DATASETS, ArgumentParser, ParseKwargs, add_data_arguments, add_runtime_arguments
 from xkd.errors import UserError
-from xkd.run import resolve_input_size, run_cli
+from xkd.run import resolve_amp_dtype, resolve_input_size, run_cli
 
 
 def build_parser():
@@ -67,7 +67,7 @@ def main(argv=None):
     model.to(env.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    args.amp_dtype = args.amp_dtype or ('float16' if env.device.type == 'cuda' else 'bfloat16')
+    args.amp_dtype = resolve_amp_dtype(args, env.device)
 
     loader = data.create_eval_loader(data.TransformedDataset(val_set, data.eval_transform(data.data_config(args))),
                                      args.validation_batch_size or args.batch_size, args.workers,

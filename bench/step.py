@@ -59,7 +59,6 @@ def build(name, bench_args, teachers, device):
     flags = ['--distiller', distiller_name] + (['--amp', '--amp-dtype', 'bfloat16'] if precision == 'bf16' else [])
     args = build_parser().parse_args(flags + bench_args.extra)
     args.num_classes, args.input_size = bench_args.num_classes, (3, bench_args.img_size, bench_args.img_size)
-    args.amp_dtype = args.amp_dtype or 'bfloat16'
     torch.manual_seed(0)
     student = models.create_model(bench_args.model, args.num_classes, args.input_size).to(device)
     distiller_class = Floor if method == 'floor' else distillers.get_distiller(distiller_name)

@@ -1,5 +1,8 @@
 """Shared test helpers: building distillers directly, and running train.py to a user error."""
 import argparse
+import csv
+import os
+import subprocess
 
 import timm
 import torch
@@ -44,3 +47,20 @@ def cli_error(capsys, argv, main=train.main):
     assert err.count('\n') == 0 and err.startswith('error: '), err
     assert 'Train: ' not in captured.out, 'a training step ran before the error'
     return err
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_command(command, env=None):
+    """Run a command in the repository root with one OpenMP thread; it must succeed. Returns its output."""
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def summary_rows(run_dir):
+    """The rows of a run's summary.csv, as dicts."""
+    with open(os.path.join(run_dir, 'summary.csv')) as f:
+        return list(csv.DictReader(f))

@@ -12,6 +12,7 @@ import sys
 import pytest
 import timm
 import torch
+from helpers import run_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,13 +40,6 @@ def train_args(output, experiment, batch_size, teacher_file):
             '--log-interval', '1', '--output', str(output), '--experiment', experiment]
 
 
-def run(command, env=None):
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
 def student_weights(run_dir):
     return torch.load(os.path.join(run_dir, 'last.pth.tar'), weights_only=True)['state_dict']
 
@@ -58,8 +52,9 @@ def assert_same_weights(a, b, atol=1e-5):
 
 
 def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, teacher_file):
-    run([sys.executable] + train_args(tmp_path, 'one', 16, teacher_file))
-    out = run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}']
+    run_command([sys.executable] + train_args(tmp_path, 'one', 16, teacher_file))
+    out = run_command([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                       f'--master_port={free_port()}']
               + train_args(tmp_path, 'two', 8, teacher_file))
     assert '2 process(es)' in out
     assert_same_weights(student_weights(tmp_path / 'one'), student_weights(tmp_path / 'two'))
@@ -81,5 +76,5 @@ def test_slurm_environment_starts_the_same_run(tmp_path, teacher_file):
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs[0][-3000:] + outputs[1][-3000:]
     assert '2 process(es)' in outputs[0]
-    run([sys.executable] + train_args(tmp_path, 'one', 16, teacher_file))
+    run_command([sys.executable] + train_args(tmp_path, 'one', 16, teacher_file))
     assert_same_weights(student_weights(tmp_path / 'one'), student_weights(tmp_path / 'slurm'))

@@ -3,7 +3,6 @@
 Only sizes are overridden so that they finish in seconds: 32 px images and one epoch, on a CIFAR-100 folder
 of random pickles and a Swin-T teacher checkpoint of random weights written here.
 """
-import csv
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import sys
 import pytest
 import timm
 import torch
+from helpers import run_command, summary_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHRINK = ['--img-size', '32', '--epochs', '1']
@@ -25,24 +25,12 @@ def swin_teacher(tmp_path_factory):
     return str(path)
 
 
-def run(command, env=None):
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-def summary_rows(run_dir):
-    with open(os.path.join(run_dir, 'summary.csv')) as f:
-        return list(csv.DictReader(f))
-
-
 def test_ofa_readme_command_with_torch_distributed_launch(cifar_dir, swin_teacher, tmp_path):
-    output = run([sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2', 'train.py', cifar_dir,
-                  '--config', 'configs/cifar/cnn.yaml', '--model', 'resnet18',
-                  '--teacher', 'swin_tiny_patch4_window7_224', '--teacher-pretrained', swin_teacher,
-                  '--num-classes', '100', '--distiller', 'ofa', '--ofa-eps', '1.0']
-                 + SHRINK + ['--output', str(tmp_path), '--experiment', 'ofa'])
+    output = run_command([sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2', 'train.py',
+                          cifar_dir, '--config', 'configs/cifar/cnn.yaml', '--model', 'resnet18',
+                          '--teacher', 'swin_tiny_patch4_window7_224', '--teacher-pretrained', swin_teacher,
+                          '--num-classes', '100', '--distiller', 'ofa', '--ofa-eps', '1.0']
+                         + SHRINK + ['--output', str(tmp_path), '--experiment', 'ofa'])
     assert '2 process(es)' in output and 'batch 128 per process (256 in all)' in output
     rows = summary_rows(tmp_path / 'ofa')
     assert len(rows) == 1 and float(rows[0]['train_loss_ofa']) > 0
@@ -50,7 +38,7 @@ def test_ofa_readme_command_with_torch_distributed_launch(cifar_dir, swin_teache
 
 
 def test_train_sh_launches_n_processes(cifar_dir, swin_teacher, tmp_path):
-    output = run(['bash', 'train.sh', '2'] + SHRINK + ['--output', str(tmp_path), '--experiment', 'rsd'],
+    output = run_command(['bash', 'train.sh', '2'] + SHRINK + ['--output', str(tmp_path), '--experiment', 'rsd'],
                  env={'DATA': cifar_dir, 'TEACHER': swin_teacher})
     assert '2 process(es)' in output
     rows = summary_rows(tmp_path / 'rsd')
@@ -68,7 +56,8 @@ def test_validate_readme_command(cifar_dir, tmp_path):
     os.symlink(cifar_dir, tmp_path / 'data' / 'cifar100')
     os.makedirs(tmp_path / 'pretrained')
     model = timm.create_model('swin_tiny_patch4_window7_224', num_classes=100)
-    torch.save({'state_dict': model.state_dict()}, tmp_path / 'pretrained' / 'swin_tiny_patch4_window7_224_cifar100.pth')
+    checkpoint = tmp_path / 'pretrained' / 'swin_tiny_patch4_window7_224_cifar100.pth'
+    torch.save({'state_dict': model.state_dict()}, checkpoint)
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, 'validate.py'), 'data/cifar100', '--dataset', 'cifar100',
          '--num-classes', '100', '--model', 'swin_tiny_patch4_window7_224',

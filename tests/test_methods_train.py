@@ -1,13 +1,12 @@
 """Every distiller through train.py, for a CNN student with a token teacher and a token student with a CNN
 teacher: one epoch on fake data, each loss term finite and written to summary.csv."""
-import csv
 import math
-import os
 
 import pytest
 
 import distillers
 import train
+from helpers import summary_rows
 
 METHODS = [m for m in distillers.distiller_names() if m != 'vanilla']
 PAIRS = {
@@ -26,8 +25,7 @@ def test_one_epoch_of_each_method(tmp_path, method, pair):
     train.main(['--dataset', 'fake', '--fake-samples', '32', '--img-size', '32', '--batch-size', '8', '--epochs', '1',
                 '--workers', '0', '--distiller', method, '--output', str(tmp_path), '--experiment', 'run']
                + PAIRS[pair] + METHOD_FLAGS.get(method, []))
-    with open(os.path.join(tmp_path, 'run', 'summary.csv')) as f:
-        row = list(csv.DictReader(f))[-1]
+    row = summary_rows(tmp_path / 'run')[-1]
     losses = {key: float(value) for key, value in row.items() if key.startswith('train_loss')}
     assert 'train_loss_gt' in losses and len(losses) >= 3, losses
     assert all(math.isfinite(value) for value in losses.values()), losses

@@ -1,6 +1,4 @@
 """Mixed precision on CPU, a teacher kept in bfloat16, the teacher under inference mode, torch.compile."""
-import csv
-import os
 
 import pytest
 import timm
@@ -8,15 +6,11 @@ import torch
 
 import distillers
 import train
+from helpers import summary_rows
 from xkd.config import build_parser
 
 FAST = ['--dataset', 'fake', '--fake-samples', '32', '--img-size', '32', '--batch-size', '8', '--epochs', '1',
         '--workers', '0', '--model', 'demo_resnet_student', '--teacher', 'demo_vit_teacher', '--distiller', 'kd']
-
-
-def last_row(run_dir):
-    with open(os.path.join(run_dir, 'summary.csv')) as f:
-        return list(csv.DictReader(f))[-1]
 
 
 def make_distiller(name, teacher_dtype=torch.float32):
@@ -48,7 +42,7 @@ def test_bfloat16_teacher_gives_the_float32_teachers_logits_closely():
 def test_amp_bfloat16_and_bfloat16_teacher_train_on_cpu(tmp_path):
     train.main(FAST + ['--amp', '--amp-dtype', 'bfloat16', '--teacher-dtype', 'bfloat16', '--eval-teacher',
                        '--output', str(tmp_path), '--experiment', 'bf16'])
-    row = last_row(tmp_path / 'bf16')
+    row = summary_rows(tmp_path / 'bf16')[-1]
     assert float(row['train_loss_kd']) >= 0 and 0 <= float(row['eval_top1']) <= 100
     checkpoint = torch.load(tmp_path / 'bf16' / 'last.pth.tar', weights_only=True)
     assert all(t.dtype != torch.bfloat16 for t in checkpoint['state_dict'].values())  # the student stays fp32
@@ -61,7 +55,7 @@ def test_amp_defaults_to_bfloat16_on_cpu(tmp_path):
 
 def test_channels_last(tmp_path):
     train.main(FAST + ['--channels-last', '--output', str(tmp_path), '--experiment', 'cl'])
-    assert last_row(tmp_path / 'cl')['eval_top1'] != ''
+    assert summary_rows(tmp_path / 'cl')[-1]['eval_top1'] != ''
 
 
 @pytest.mark.slow

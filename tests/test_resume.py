@@ -1,6 +1,4 @@
 """A run killed and resumed ends exactly where an uninterrupted run ends; checkpoints survive a kill mid-save."""
-import csv
-import os
 
 import pytest
 import timm
@@ -8,6 +6,7 @@ import torch
 
 import distillers
 import train
+from helpers import summary_rows
 from xkd import checkpoint, engine
 from xkd.errors import UserError
 
@@ -31,11 +30,6 @@ def base_args(output, teacher_file, method):
             '--output', str(output)]
 
 
-def rows(run_dir):
-    with open(os.path.join(run_dir, 'summary.csv')) as f:
-        return list(csv.DictReader(f))
-
-
 def kill_at_epoch(monkeypatch, dead_epoch):
     original = engine.train_one_epoch
 
@@ -54,7 +48,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, teacher_file,
         kill_at_epoch(patch, 2)
         with pytest.raises(KeyboardInterrupt):
             train.main(args + ['--experiment', 'resumed'])
-    assert len(rows(tmp_path / 'resumed')) == 2
+    assert len(summary_rows(tmp_path / 'resumed')) == 2
     train.main(args + ['--experiment', 'resumed', '--resume', 'auto'])
 
     full = torch.load(tmp_path / 'full' / 'last.pth.tar', weights_only=True)
@@ -75,7 +69,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, teacher_file,
         for key, tensor in state.items():
             assert torch.allclose(tensor.float(), resumed['distiller'][name][key].float(), atol=1e-6), (name, key)
 
-    full_rows, resumed_rows = rows(tmp_path / 'full'), rows(tmp_path / 'resumed')
+    full_rows, resumed_rows = summary_rows(tmp_path / 'full'), summary_rows(tmp_path / 'resumed')
     assert len(full_rows) == len(resumed_rows) == 3
     for a, b in zip(full_rows, resumed_rows):
         assert a.keys() == b.keys()
@@ -87,7 +81,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, teacher_file,
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path, teacher_file):
     result = train.main(base_args(tmp_path, teacher_file, 'vanilla') + ['--epochs', '1', '--experiment', 'new',
                                                                         '--resume', 'auto'])
-    assert result['output_dir'] == str(tmp_path / 'new') and len(rows(tmp_path / 'new')) == 1
+    assert result['output_dir'] == str(tmp_path / 'new') and len(summary_rows(tmp_path / 'new')) == 1
 
 
 def test_kill_during_save_leaves_last_checkpoint_whole(tmp_path, teacher_file, monkeypatch):
@@ -109,7 +103,7 @@ def test_kill_during_save_leaves_last_checkpoint_whole(tmp_path, teacher_file, m
     last = torch.load(tmp_path / 'run' / 'last.pth.tar', weights_only=True)
     assert last['epoch'] == 0
     result = train.main(args + ['--resume', 'auto'])
-    assert len(rows(result['output_dir'])) == 3
+    assert len(summary_rows(result['output_dir'])) == 3
 
 
 def test_truncated_checkpoint_is_named_damaged_with_an_alternative(tmp_path, teacher_file):

@@ -50,7 +50,7 @@ class DistillationSaver(CheckpointSaver):
         state = {
             'epoch': epoch,
             'arch': self.args.model,
-            'args': {k: v for k, v in vars(self.args).items()},
+            'args': dict(vars(self.args)),
             'version': 2,
             'state_dict': get_state_dict(self.model, unwrap_model),
             'distiller_name': self.args.distiller,

@@ -6,6 +6,7 @@ reference code bases do for CIFAR-100 at 224 px.
 """
 import os
 import pickle
+import random
 
 import numpy as np
 import torch
@@ -167,8 +168,6 @@ def dataset_num_classes(args, train_set):
     default = DATASET_DEFAULTS[args.dataset]['num_classes']
     if args.dataset == 'folder':
         return len(train_set.classes)
-    if args.dataset == 'fake' and args.num_classes:
-        return args.num_classes
     return default
 
 
@@ -248,7 +247,6 @@ def create_eval_loader(dataset, batch_size, workers, rank=0, world_size=1, pin_m
 
 def seed_worker(worker_id):
     """Seed numpy and random in each loader worker from torch's per-worker seed (itself set per epoch)."""
-    import random
     seed = torch.initial_seed() % 2 ** 32
     np.random.seed(seed)
     random.seed(seed)

@@ -22,6 +22,11 @@ def resolve_input_size(args, model_name):
     return tuple(timm.get_pretrained_cfg_value(model_name, 'input_size') or (3, 224, 224))
 
 
+def resolve_amp_dtype(args, device):
+    """--amp-dtype, else float16 on GPU (with a gradient scaler) and bfloat16 on CPU."""
+    return args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')
+
+
 def default_experiment(args):
     name = f'{args.dataset}-{args.distiller}-{args.model}'
     if args.teacher and args.distiller != 'vanilla':
