@@ -36,6 +36,7 @@ from custom_forward import forward_features, stage_info  # noqa: E402
 from xkd import data, models  # noqa: E402
 from xkd.config import ArgumentParser, add_data_arguments  # noqa: E402
 from xkd.errors import UserError  # noqa: E402
+from xkd.logger import setup_logging  # noqa: E402
 from xkd.run import resolve_input_size, run_cli  # noqa: E402
 
 STAGE_NAMES = ('stage 1', 'stage 2', 'stage 3', 'stage 4', 'embedding')
@@ -153,6 +154,7 @@ def load_model(name, path, args, flag):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    setup_logging()  # shows the weight reader's line when it converts a file of an older timm layout
     if args.samples < 2:
         raise UserError(f'--samples must be at least 2 (CKA centres features over the images), got {args.samples}')
     for name, flag in ((args.model, '--model'), (args.teacher, '--teacher')):
