@@ -184,7 +184,7 @@ def convert_layout(model, state_dict):
 
 
 def describe_conversion(before, after, filter_fn):
-    """'11 keys renamed, 9 dropped (attn_mask, relative_position_index)'. A tensor is followed by its memory:
+    """'11 keys renamed, 7 dropped (attn_mask, relative_position_index)'. A tensor is followed by its memory:
     found under another key it was renamed, found nowhere it was dropped; a new tensor under an old key was
     converted (e.g. a resampled position embedding), under a new key added."""
     names_by_address = {tensor.data_ptr(): key for key, tensor in before.items() if tensor.numel()}
