@@ -68,8 +68,11 @@ def create_model(name, num_classes, input_size, pretrained=False, pretrained_pat
     return model
 
 
-def read_state_dict(path, flag='--teacher-pretrained'):
-    """A state dict from a file: plain, or under `state_dict` / `state_dict_ema` / `model`, `module.` stripped."""
+def read_state_dict(path, flag='--teacher-pretrained', use_ema=False):
+    """A state dict from a file: plain, or under `state_dict` / `state_dict_ema` / `model`, `module.` stripped.
+
+    `use_ema` prefers `state_dict_ema` (timm's `load_checkpoint(use_ema=True)`, the reference's --use-ema-teacher).
+    """
     if not os.path.isfile(path):
         raise UserError(f"{flag} '{path}' does not exist")
     try:
@@ -81,7 +84,10 @@ def read_state_dict(path, flag='--teacher-pretrained'):
     except Exception as e:  # truncated, not a torch file, or not readable: all mean the same to the user
         raise UserError(f"{flag} '{path}' cannot be read as a checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]}); is the file complete?") from None
-    state_dict = unwrap_state_dict(checkpoint)
+    if use_ema and not (isinstance(checkpoint, dict) and isinstance(checkpoint.get('state_dict_ema'), dict)):
+        _logger.warning(f"{flag} '{path}' holds no EMA weights (state_dict_ema); its plain weights are used, "
+                        f"as the reference does")
+    state_dict = unwrap_state_dict(checkpoint, use_ema=use_ema)
     if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UserError(f"{flag} '{path}' holds no state dict of tensors (keys: {list(checkpoint)[:8]})")
     return state_dict
@@ -131,10 +137,11 @@ def create_teacher(args):
     """The frozen teacher: built, its weights loaded, in eval mode with no gradients."""
     teacher = create_model(args.teacher, args.num_classes, args.input_size, **args.teacher_kwargs)
     if args.teacher_pretrained:
-        state_dict = read_state_dict(args.teacher_pretrained)
+        state_dict = read_state_dict(args.teacher_pretrained, use_ema=args.use_ema_teacher)
         load_weights(teacher, state_dict, args.teacher, args.teacher_pretrained, args.num_classes,
                      '--teacher-pretrained')
-        _logger.info(f"Loaded teacher '{args.teacher}' from {args.teacher_pretrained}")
+        _logger.info(f"Loaded teacher '{args.teacher}' from {args.teacher_pretrained}"
+                     + (' (EMA weights)' if args.use_ema_teacher else ''))
     else:
         _logger.warning('!' * 80)
         _logger.warning(f"NO TEACHER WEIGHTS: '{args.teacher}' is randomly initialised (no --teacher-pretrained). "
