@@ -269,10 +269,11 @@ def add_reference_arguments(parser):
         group.add_argument('--fitnet-stage', type=int, nargs='+', default=[1, 2, 3, 4], help=argparse.SUPPRESS)
     for flag, (kind, nargs, default, instead) in UNSUPPORTED_REFERENCE_FLAGS.items():
         help_text = f'reference flag, accepted at its default only: {instead}'
+        names = [f'--{flag}'] + (['--dist_url'] if flag == 'dist-url' else [])  # the reference spells it so
         if kind is bool:
-            group.add_argument(f'--{flag}', action='store_true', help=help_text)
+            group.add_argument(*names, action='store_true', help=help_text)
         else:
-            group.add_argument(f'--{flag}', type=kind, nargs=nargs, default=default, help=help_text)
+            group.add_argument(*names, type=kind, nargs=nargs, default=default, help=help_text)
 
 
 def yaml_defaults(parser, path):
@@ -291,7 +292,7 @@ def yaml_defaults(parser, path):
             close = difflib.get_close_matches(dest, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else '; see train.py --help for the flags'
             raise UserError(f"config '{path}': unknown key '{key}' (no flag --{dest.replace('_', '-')}){hint}")
-        if actions[dest].nargs in ('+', '*') and not isinstance(value, (list, dict)):
+        if actions[dest].nargs in ('+', '*') and value is not None and not isinstance(value, (list, dict)):
             value = [value]  # `ofa_eps: 1.5` means the one-element list of `--ofa-eps 1.5`
         defaults[dest] = value
     if run_state:

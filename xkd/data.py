@@ -216,7 +216,7 @@ def data_config(args):
         mean=tuple(args.mean or defaults['mean']),
         std=tuple(args.std or defaults['std']),
         crop_pct=args.crop_pct or defaults['crop_pct'],
-        interpolation=args.interpolation,
+        interpolation=args.interpolation or 'bilinear',  # '' is the reference's default, written in its args.yaml
     )
 
 
