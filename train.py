@@ -18,7 +18,6 @@ from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 
 import distillers
@@ -194,12 +193,10 @@ def main(argv=None):
             train_metrics = engine.train_one_epoch(epoch, model, distiller, train_loader, optimizer, scheduler,
                                                    args, env, mixup_fn, scaler, model_emas, recorder,
                                                    last_checkpoint)
-            if env.distributed and args.dist_bn:
-                # As the reference, every epoch: the BatchNorm statistics that are evaluated and saved are the
-                # average (or rank 0's copy) over all processes, not rank 0's alone.
-                distribute_bn(distiller, env.world_size, args.dist_bn == 'reduce')
-                for _, ema in model_emas.items() if model_emas is not None else ():
-                    distribute_bn(ema, env.world_size, args.dist_bn == 'reduce')
+            # As the reference, every epoch: the BatchNorm statistics that are evaluated and saved are the
+            # average (or rank 0's copy) over all processes, not rank 0's alone.
+            distributed.distribute_bn([distiller] + [ema for _, ema in (model_emas.items() if model_emas else ())],
+                                      env, args.dist_bn)
             eval_metrics = {'loss': '', 'top1': '', 'top5': ''}
             if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == num_epochs:
                 metrics = engine.evaluate(eval_model, val_loader, args, env)
