@@ -46,7 +46,7 @@ def test_recipes_parse_with_the_published_values():
     args = parse_args(['--config', 'configs/imagenet/cnn.yaml'])
     assert (args.sched, args.decay_epochs, args.lr, args.batch_size) == ('step', 30, 0.1, 64)
     args = parse_args(['--config', 'configs/imagenet/vit_mlp.yaml'])
-    assert (args.model_ema, args.model_ema_decay, args.lr) == (True, 0.99996, 1e-3)
+    assert (args.model_ema, args.model_ema_decay, args.lr) == (True, [0.99996], 1e-3)
 
 
 def test_unknown_yaml_key_is_rejected_by_name(tmp_path):
