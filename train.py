@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import distillers
 from xkd import checkpoint, data, distributed, engine, models
-from xkd.ema import StudentEmas
 from xkd.config import check_args, parse_args, run_arguments
+from xkd.ema import StudentEmas
 from xkd.errors import UserError
 from xkd.logger import RunRecorder, setup_logging
 from xkd.run import output_folder, resolve_amp_dtype, resolve_input_size, run_cli, seed_everything
@@ -141,6 +141,7 @@ def main(argv=None):
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler('cuda') if args.amp and args.amp_dtype == 'float16' else None
     model_emas = StudentEmas(distiller.student, args.model_ema_decay) if args.model_ema else None
+    named_emas = model_emas.items() if model_emas is not None else []
 
     saver = None
     if env.is_main:
@@ -195,21 +196,20 @@ def main(argv=None):
                                                    last_checkpoint)
             # As the reference, every epoch: the BatchNorm statistics that are evaluated and saved are the
             # average (or rank 0's copy) over all processes, not rank 0's alone.
-            distributed.distribute_bn([distiller] + [ema for _, ema in (model_emas.items() if model_emas else ())],
-                                      env, args.dist_bn)
+            distributed.distribute_bn([distiller] + [ema for _, ema in named_emas], env, args.dist_bn)
             eval_metrics = {'loss': '', 'top1': '', 'top5': ''}
             if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == num_epochs:
                 metrics = engine.evaluate(eval_model, val_loader, args, env)
                 eval_metrics = {k: metrics[k] for k in ('loss', 'top1', 'top5')}
                 last_metrics = (eval_metrics['top1'], epoch)
-                for name, ema in model_emas.items() if model_emas is not None else ():
+                for name, ema in named_emas:
                     eval_metrics[f'{name}_top1'] = engine.evaluate(ema.module, val_loader, args, env)['top1']
                 _logger.info(f"Eval: {epoch}  loss {eval_metrics['loss']:.4f}  top-1 {eval_metrics['top1']:.2f}  "
                              f"top-5 {eval_metrics['top5']:.2f}" +
                              ''.join(f"  {key} {value:.2f}" for key, value in eval_metrics.items()
                                      if key.startswith('ema')))
             else:
-                for name, _ in model_emas.items() if model_emas is not None else ():
+                for name, _ in named_emas:
                     eval_metrics[f'{name}_top1'] = ''
             scheduler.step(epoch + 1, eval_metrics['top1'] if eval_metrics['top1'] != '' else None)
             recorder.epoch(epoch, train_metrics, eval_metrics, lr)

@@ -17,7 +17,6 @@ from helpers import cli_error, run_command, summary_rows
 from xkd import data, models
 from xkd.config import parse_args, check_args
 from xkd.errors import UserError
-from xkd.logger import RunRecorder
 
 # Every flag of the reference train.py (VISION-SJTU/RSD, a superset of Hao840/OFAKD's), each with its default or a
 # sample value, as one command line; --apex-amp and --native-amp are left out: on the command line they are errors.

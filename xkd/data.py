@@ -73,11 +73,12 @@ def cifar100_root(data_dir, download):
 def infer_dataset_type(data_dir):
     """What DATA holds when --dataset is not given: cifar-100-python/ -> cifar100, train/ + val/ -> folder."""
     from .config import DATASETS
-    if data_dir and os.path.basename(os.path.normpath(data_dir)) == CIFAR100.base_folder or (
-            data_dir and os.path.isdir(os.path.join(data_dir, CIFAR100.base_folder))):
-        return 'cifar100'
-    if data_dir and all(os.path.isdir(os.path.join(data_dir, split)) for split in ('train', 'val')):
-        return 'folder'
+    if data_dir:
+        if (os.path.basename(os.path.normpath(data_dir)) == CIFAR100.base_folder
+                or os.path.isdir(os.path.join(data_dir, CIFAR100.base_folder))):
+            return 'cifar100'
+        if all(os.path.isdir(os.path.join(data_dir, split)) for split in ('train', 'val')):
+            return 'folder'
     what = f"'{data_dir}' holds neither cifar-100-python/ nor train/ and val/" if data_dir else 'no data folder given'
     raise UserError(f"--dataset not given and {what}; choose one of {', '.join(DATASETS)} "
                     f"(cifar100 is downloaded into DATA when missing)")
