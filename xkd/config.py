@@ -86,9 +86,6 @@ def add_runtime_arguments(parser):
     group.add_argument('--local-rank', '--local_rank', type=int, default=None, dest='local_rank',
                        help='set by torch.distributed.launch; the LOCAL_RANK variable is used otherwise')
     group.add_argument('--seed', type=int, default=42, help='random seed')
-    group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
-                       help="before each evaluation, average ('reduce') or copy from rank 0 ('broadcast') the "
-                            "BatchNorm statistics of all processes; '' keeps each rank's own")
     return group
 
 
@@ -123,6 +120,9 @@ def build_parser():
     group.add_argument('--eval-teacher', action='store_true',
                        help='evaluate the teacher on the validation set before training')
     group.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm for the student (distributed)')
+    group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
+                       help="after each epoch, before evaluation, average ('reduce') or copy from rank 0 "
+                            "('broadcast') the BatchNorm statistics of all processes; '' keeps each rank's own")
 
     group = parser.add_argument_group('Distillation')
     group.add_argument('--distiller', default='vanilla',
