@@ -15,15 +15,15 @@ import sys
 import torch
 import yaml
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 import distillers
 from xkd import checkpoint, data, distributed, engine, models
 from xkd.config import check_args, parse_args, run_arguments
+from xkd.ema import StudentEmas
 from xkd.errors import UserError
 from xkd.logger import RunRecorder, setup_logging
 from xkd.run import output_folder, resolve_amp_dtype, resolve_input_size, run_cli, seed_everything
@@ -52,11 +52,23 @@ def check_inputs(args, distiller_class):
 
 
 def create_criterion(args):
-    if args.mixup > 0 or args.cutmix > 0:
+    mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if args.bce_loss:
+        # As the reference: mixup's targets already carry the smoothing; unlike it, BCE also without
+        # mixup or smoothing (the reference falls back to cross-entropy there, silently).
+        return BinaryCrossEntropy(smoothing=0.0 if mixup else args.smoothing, target_threshold=args.bce_target_thresh)
+    if mixup:
         return SoftTargetCrossEntropy()  # mixup's targets already carry the label smoothing
     if args.smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     return torch.nn.CrossEntropyLoss()
+
+
+def student_kwargs(args):
+    """The student's optional regularisation and pooling flags, passed to timm only when given."""
+    drop_path = args.drop_path if args.drop_path is not None else args.drop_connect
+    optional = {'drop_path_rate': drop_path, 'drop_block_rate': args.drop_block, 'global_pool': args.gp}
+    return {key: value for key, value in optional.items() if value is not None}
 
 
 def main(argv=None):
@@ -85,8 +97,7 @@ def main(argv=None):
 
     student = models.create_model(args.model, args.num_classes, args.input_size, pretrained=args.pretrained,
                                   pretrained_path=args.pretrained_path, drop_rate=args.drop,
-                                  **({'drop_path_rate': args.drop_path} if args.drop_path is not None else {}),
-                                  **args.model_kwargs)
+                                  **student_kwargs(args), **args.model_kwargs)
     teacher = models.create_teacher(args) if distiller_class.requires_teacher else None
     try:
         distiller = distiller_class(student, teacher, create_criterion(args), args)
@@ -118,22 +129,31 @@ def main(argv=None):
                                     momentum=args.momentum,
                                     **{k: v for k, v in (('eps', args.opt_eps), ('betas', args.opt_betas))
                                        if v is not None})
-    scheduler, _ = create_scheduler_v2(
+    # The schedule always comes from this command line, also on --resume (as in timm's train.py): a resumed run
+    # with more --epochs or another --lr follows the new plan. num_epochs adds cooldown and cycles, as the reference.
+    scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate,
-        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+        patience_epochs=args.patience_epochs, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
+        noise_std=args.lr_noise_std, noise_seed=args.seed, cycle_mul=args.lr_cycle_mul,
+        cycle_decay=args.lr_cycle_decay, cycle_limit=args.lr_cycle_limit, k_decay=args.lr_k_decay,
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler('cuda') if args.amp and args.amp_dtype == 'float16' else None
-    model_ema = ModelEmaV3(distiller.student, decay=args.model_ema_decay) if args.model_ema else None
+    model_emas = StudentEmas(distiller.student, args.model_ema_decay) if args.model_ema else None
+    named_emas = model_emas.items() if model_emas is not None else []
 
     saver = None
     if env.is_main:
-        saver = checkpoint.DistillationSaver(distiller, optimizer, scheduler, args, model_ema, scaler,
+        saver = checkpoint.DistillationSaver(distiller, optimizer, scheduler, args, model_emas, scaler,
                                             args.output_dir, args.checkpoint_hist)
     start_epoch = 0
     if resume_path:
-        start_epoch = checkpoint.resume(resume_path, distiller, optimizer, scheduler, model_ema, scaler, saver)
-        scheduler.step(start_epoch)
+        start_epoch = checkpoint.resume(resume_path, distiller, optimizer, model_emas, scaler, saver)
+        if args.sched_on_updates:
+            scheduler.step_update(start_epoch * len(train_loader))
+        else:
+            scheduler.step(start_epoch)
         _logger.info(f'Resumed from {resume_path} at epoch {start_epoch}')
     if env.is_main:
         with open(os.path.join(args.output_dir, 'args.yaml'), 'w') as f:
@@ -158,34 +178,39 @@ def main(argv=None):
     if args.torchcompile:
         # Compiled wrappers share the modules' parameters, so checkpoints keep their plain layout.
         model, eval_model = torch.compile(model), torch.compile(eval_model)
-    recorder = RunRecorder(args.output_dir, env.is_main)
+    recorder = RunRecorder(args.output_dir, env.is_main, run_arguments(args) if args.log_wandb else None)
     if resume_path:
         recorder.forget_from(start_epoch)
     best = (None, None)
     last_metrics = None
     last_checkpoint = resume_path
     try:
-        for epoch in range(start_epoch, args.epochs):
+        for epoch in range(start_epoch, num_epochs):
             # Every epoch's randomness depends only on (seed, epoch, rank), so a resumed run repeats it exactly.
             seed_everything(args.seed + 1000 * epoch + env.rank)
             train_loader.sampler.set_epoch(epoch)
             train_loader.generator.manual_seed(args.seed + epoch)
             lr = optimizer.param_groups[0]['lr']
             train_metrics = engine.train_one_epoch(epoch, model, distiller, train_loader, optimizer, scheduler,
-                                                   args, env, mixup_fn, scaler, model_ema, recorder,
+                                                   args, env, mixup_fn, scaler, model_emas, recorder,
                                                    last_checkpoint)
+            # As the reference, every epoch: the BatchNorm statistics that are evaluated and saved are the
+            # average (or rank 0's copy) over all processes, not rank 0's alone.
+            distributed.distribute_bn([distiller] + [ema for _, ema in named_emas], env, args.dist_bn)
             eval_metrics = {'loss': '', 'top1': '', 'top5': ''}
-            if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
+            if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == num_epochs:
                 metrics = engine.evaluate(eval_model, val_loader, args, env)
                 eval_metrics = {k: metrics[k] for k in ('loss', 'top1', 'top5')}
                 last_metrics = (eval_metrics['top1'], epoch)
-                if model_ema is not None:
-                    ema_metrics = engine.evaluate(model_ema.module, val_loader, args, env)
-                    eval_metrics['ema_top1'] = ema_metrics['top1']
+                for name, ema in named_emas:
+                    eval_metrics[f'{name}_top1'] = engine.evaluate(ema.module, val_loader, args, env)['top1']
                 _logger.info(f"Eval: {epoch}  loss {eval_metrics['loss']:.4f}  top-1 {eval_metrics['top1']:.2f}  "
-                             f"top-5 {eval_metrics['top5']:.2f}")
-            elif model_ema is not None:
-                eval_metrics['ema_top1'] = ''
+                             f"top-5 {eval_metrics['top5']:.2f}" +
+                             ''.join(f"  {key} {value:.2f}" for key, value in eval_metrics.items()
+                                     if key.startswith('ema')))
+            else:
+                for name, _ in named_emas:
+                    eval_metrics[f'{name}_top1'] = ''
             scheduler.step(epoch + 1, eval_metrics['top1'] if eval_metrics['top1'] != '' else None)
             recorder.epoch(epoch, train_metrics, eval_metrics, lr)
             if saver is not None:

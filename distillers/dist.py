@@ -33,7 +33,7 @@ def dist_loss(logits_student, logits_teacher, beta, gamma, tau):
 
 @register_distiller
 class DIST(Distiller):
-    """loss_gt + dist_loss(z_s, z_t)."""
+    """loss_gt + kd_loss_weight * dist_loss(z_s, z_t), the weight applied as in the OFA-KD / RSD code."""
 
     @classmethod
     def check_args(cls, args):
@@ -49,6 +49,6 @@ class DIST(Distiller):
     def forward(self, image, label, epoch=0):
         logits_teacher = self.teacher_logits(image)
         logits_student = self.student(image)
-        loss_kd = dist_loss(logits_student, logits_teacher, self.args.dist_beta, self.args.dist_gamma,
-                            self.args.dist_tau)
+        loss_kd = self.args.kd_loss_weight * dist_loss(logits_student, logits_teacher, self.args.dist_beta,
+                                                       self.args.dist_gamma, self.args.dist_tau)
         return logits_student, {'loss_gt': self.gt_loss(logits_student, label), 'loss_kd': loss_kd}

@@ -45,7 +45,11 @@ def dkd_loss(logits_student, logits_teacher, target, alpha, beta, temperature):
 
 @register_distiller
 class DKD(Distiller):
-    """loss_gt + min(epoch / warmup, 1) * dkd_loss (epoch counted from 1) (alpha and beta are the weights, as in mdistiller)."""
+    """loss_gt + kd_loss_weight * ramp * dkd_loss, alpha and beta weighting its two terms.
+
+    kd_loss_weight multiplies the term as in the OFA-KD / RSD code (their tables' DKD numbers). ramp is 1, or
+    with `--dkd-warmup N` mdistiller's linear warm-up min((epoch + 1) / N, 1) (it counts epochs from 1).
+    """
 
     @classmethod
     def check_args(cls, args):
@@ -59,8 +63,9 @@ class DKD(Distiller):
         parser.add_argument('--dkd-alpha', type=float, default=1.0, help='weight of TCKD')
         parser.add_argument('--dkd-beta', type=float, default=2.0, help='weight of NCKD')
         parser.add_argument('--dkd-temperature', type=float, default=1.0, help='DKD temperature')
-        parser.add_argument('--dkd-warmup', type=int, default=20,
-                            help='epochs over which the DKD loss ramps up linearly from 0')
+        parser.add_argument('--dkd-warmup', type=int, default=0,
+                            help="epochs over which the DKD loss ramps up linearly (mdistiller's CIFAR recipe: 20); "
+                                 "0: none, as in the OFA-KD / RSD code")
 
     def forward(self, image, label, epoch=0):
         logits_teacher = self.teacher_logits(image)
@@ -68,6 +73,6 @@ class DKD(Distiller):
         warmup = self.args.dkd_warmup
         # mdistiller counts epochs from 1, so the first epoch already trains with 1/warmup of the loss.
         ramp = min((epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
-        loss_kd = ramp * dkd_loss(logits_student, logits_teacher, hard_target(label),
+        loss_kd = self.args.kd_loss_weight * ramp * dkd_loss(logits_student, logits_teacher, hard_target(label),
                                   self.args.dkd_alpha, self.args.dkd_beta, self.args.dkd_temperature)
         return logits_student, {'loss_gt': self.gt_loss(logits_student, label), 'loss_kd': loss_kd}

@@ -78,3 +78,47 @@ def test_slurm_environment_starts_the_same_run(tmp_path, teacher_file):
     assert '2 process(es)' in outputs[0]
     run_command([sys.executable] + train_args(tmp_path, 'one', 16, teacher_file))
     assert_same_weights(student_weights(tmp_path / 'one'), student_weights(tmp_path / 'slurm'))
+
+
+DIST_BN_SCRIPT = '''
+import json, sys
+import torch
+from xkd.distributed import distribute_bn, init_distributed
+env = init_distributed()
+torch.manual_seed(env.rank)
+bn = torch.nn.BatchNorm1d(3)
+bn.running_mean.fill_(env.rank + 1.0)
+bn.running_var.fill_(10.0 * (env.rank + 1))
+distribute_bn([torch.nn.Sequential(bn)], env, sys.argv[1])
+print(json.dumps({'rank': env.rank, 'mean': bn.running_mean.tolist(), 'var': bn.running_var.tolist()}))
+torch.distributed.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize('mode, mean, var', [('reduce', 1.5, 15.0), ('broadcast', 1.0, 10.0), ('', None, None)])
+def test_dist_bn_averages_or_broadcasts_batchnorm_statistics(tmp_path, mode, mean, var):
+    import json
+    script = tmp_path / 'dist_bn.py'
+    script.write_text(DIST_BN_SCRIPT)
+    out = run_command([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                       f'--master_port={free_port()}', str(script), mode], env={'PYTHONPATH': ROOT})
+    ranks = {r['rank']: r for r in (json.loads(line) for line in out.splitlines() if line.startswith('{'))}
+    for rank in (0, 1):
+        expected_mean = mean if mean is not None else rank + 1.0
+        expected_var = var if var is not None else 10.0 * (rank + 1)
+        assert ranks[rank]['mean'] == [expected_mean] * 3 and ranks[rank]['var'] == [expected_var] * 3
+
+
+def test_dist_bn_in_a_two_process_run(tmp_path, teacher_file):
+    """A BatchNorm student: --dist-bn reduce saves statistics other than rank 0's own (--dist-bn ''), and
+    does not change the training itself."""
+    args = ['train.py', '--dataset', 'fake', '--fake-samples', '32', '--img-size', '32', '--workers', '0',
+            '--model', 'demo_resnet_student', '--distiller', 'vanilla', '--batch-size', '8', '--epochs', '1',
+            '--output', str(tmp_path)]
+    launch = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2']
+    run_command(launch + [f'--master_port={free_port()}'] + args + ['--experiment', 'reduce', '--dist-bn', 'reduce'])
+    run_command(launch + [f'--master_port={free_port()}'] + args + ['--experiment', 'own', '--dist-bn', ''])
+    reduced, own = student_weights(tmp_path / 'reduce'), student_weights(tmp_path / 'own')
+    stats = [k for k in own if k.endswith('running_mean') or k.endswith('running_var')]
+    assert stats and any(not torch.equal(reduced[k], own[k]) for k in stats)
+    assert all(torch.equal(reduced[k], own[k]) for k in own if k not in stats and 'num_batches' not in k)

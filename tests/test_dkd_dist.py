@@ -145,14 +145,51 @@ def build(name, **overrides):
 
 def test_dkd_flags_and_warmup():
     distiller = build('dkd')
+    # No warm-up by default, as the OFA-KD / RSD code: the full term from the first step.
     assert (distiller.args.dkd_alpha, distiller.args.dkd_beta, distiller.args.dkd_temperature,
-            distiller.args.dkd_warmup) == (1.0, 2.0, 1.0, 20)
+            distiller.args.dkd_warmup) == (1.0, 2.0, 1.0, 0)
     image, label = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 3, 4, 0])
     full = dkd_loss(distiller.student(image), distiller.teacher(image), label, 1.0, 2.0, 1.0)
+    _, losses = distiller(image, label, epoch=0)
+    assert losses['loss_kd'].item() == pytest.approx(full.item(), rel=1e-6)
+    distiller.args.dkd_warmup = 20  # mdistiller's CIFAR schedule
     for epoch, factor in [(0, 0.05), (4, 0.25), (19, 1.0), (37, 1.0)]:  # 0-based epochs, counted from 1
         _, losses = distiller(image, label, epoch=epoch)
         assert losses['loss_kd'].item() == pytest.approx(factor * full.item(), rel=1e-6)
     assert set(losses) == {'loss_gt', 'loss_kd'}
+
+
+def reference_dist(logits_student, logits_teacher, beta, gamma, tau):
+    """DIST as the OFA-KD / RSD code computes it: mean Pearson over rows, then over columns."""
+    p_student, p_teacher = (logits_student / tau).softmax(1), (logits_teacher / tau).softmax(1)
+
+    def relation(a, b):
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        return 1 - ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)).mean()
+
+    return tau ** 2 * (beta * relation(p_student, p_teacher) + gamma * relation(p_student.T, p_teacher.T))
+
+
+@pytest.mark.parametrize('name', ['dkd', 'dist'])
+def test_kd_loss_weight_multiplies_the_term_as_in_the_reference(name):
+    """The reference multiplies DKD's and DIST's term by --kd-loss-weight (as KD's); ours once ignored it."""
+    distiller = build(name, kd_loss_weight=2.0)
+    generator = torch.Generator().manual_seed(3)
+    image = torch.randn(16, 3, 4, 4, generator=generator)
+    label = torch.randint(0, 5, (16,), generator=generator)
+    _, losses = distiller(image, label, epoch=0)
+    with torch.no_grad():
+        student, teacher = distiller.student(image).double(), distiller.teacher(image).double()
+    if name == 'dkd':
+        term = mdistiller_dkd(student, teacher, label, 1.0, 2.0, 1.0)
+    else:
+        term = reference_dist(student, teacher, 1.0, 1.0, 1.0)
+    print(f'{name}: --kd-loss-weight 2 gives loss_kd {losses["loss_kd"].item():.4f}; reference formula: '
+          f'2 x {term.item():.4f} = {2 * term.item():.4f}')
+    assert losses['loss_kd'].item() == pytest.approx(2 * term.item(), rel=1e-5)
+    distiller.args.kd_loss_weight = 0.0
+    _, losses = distiller(image, label, epoch=0)
+    assert losses['loss_kd'].item() == 0.0
 
 
 def test_dist_flags():
@@ -162,7 +199,7 @@ def test_dist_flags():
 
 @pytest.mark.parametrize('name', ['dkd', 'dist'])
 def test_soft_labels_use_the_argmax(name):
-    distiller = build(name, dkd_warmup=1)
+    distiller = build(name)
     image, label = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 3, 4, 0])
     soft_label = 0.7 * F.one_hot(label, 5) + 0.3 * F.one_hot(label.roll(1), 5)
     _, hard_losses = distiller(image, label, epoch=3)

@@ -46,7 +46,7 @@ def test_recipes_parse_with_the_published_values():
     args = parse_args(['--config', 'configs/imagenet/cnn.yaml'])
     assert (args.sched, args.decay_epochs, args.lr, args.batch_size) == ('step', 30, 0.1, 64)
     args = parse_args(['--config', 'configs/imagenet/vit_mlp.yaml'])
-    assert (args.model_ema, args.model_ema_decay, args.lr) == (True, 0.99996, 1e-3)
+    assert (args.model_ema, args.model_ema_decay, args.lr) == (True, [0.99996], 1e-3)
 
 
 def test_unknown_yaml_key_is_rejected_by_name(tmp_path):
@@ -99,8 +99,22 @@ def test_cifar100_transform_upsamples_with_cifar_statistics(cifar_dir):
 
 
 def test_missing_cifar100_says_where_it_looked(tmp_path):
-    with pytest.raises(UserError, match=r"CIFAR-100 not found: looked .*cifar-100-python.*--dataset-download"):
+    with pytest.raises(UserError, match=r"CIFAR-100 not found: looked .*cifar-100-python.*--no-dataset-download"):
+        data.create_datasets(make_args(dataset='cifar100', data_dir=str(tmp_path), dataset_download=False))
+
+
+def test_missing_cifar100_is_downloaded_by_default_and_no_network_says_where_to_put_it(tmp_path, monkeypatch):
+    import urllib.error
+    calls = []
+
+    def no_network(self, *args, **kwargs):
+        calls.append(self.root)
+        raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
+    monkeypatch.setattr(data.CIFAR100, 'download', no_network)
+    with pytest.raises(UserError, match=r"download failed \(URLError.*looked for train, test and meta in "
+                                        r"'.*cifar-100-python'\. Put the python version"):
         data.create_datasets(make_args(dataset='cifar100', data_dir=str(tmp_path)))
+    assert calls == [str(tmp_path)]
 
 
 @pytest.mark.parametrize('kind', ['imagenet', 'folder'])

@@ -113,3 +113,87 @@ def test_truncated_checkpoint_is_named_damaged_with_an_alternative(tmp_path, tea
     last.write_bytes(last.read_bytes()[:1000])
     with pytest.raises(UserError, match=r"last.pth.tar' is damaged.*checkpoint-\d.pth.tar"):
         train.main(args + ['--resume', str(last)])
+
+
+def vanilla_args(output, experiment, epochs, *extra):
+    return ['--dataset', 'fake', '--fake-samples', '32', '--img-size', '32', '--batch-size', '8', '--workers', '0',
+            '--model', 'demo_resnet_student', '--distiller', 'vanilla', '--epochs', str(epochs), '--lr', '0.1',
+            '--min-lr', '0', '--warmup-epochs', '0', '--sched', 'cosine', '--model-ema', '--model-ema-decay', '0.5',
+            '0.9', '--output', str(output), '--experiment', experiment, *extra]
+
+
+def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path, capsys):
+    """The command line is the plan: a 1-epoch run resumed with --epochs 3 trains epochs 1 and 2 with the
+    learning rates of a run planned for 3 epochs from the start (not at the minimum of the old schedule)."""
+    train.main(vanilla_args(tmp_path, 'planned', 3))
+    train.main(vanilla_args(tmp_path, 'extended', 1))
+    capsys.readouterr()
+    train.main(vanilla_args(tmp_path, 'extended', 3, '--resume', 'auto'))
+    log = capsys.readouterr().out
+    changes = [line for line in log.splitlines() if 'Arguments changed since' in line]
+    assert len(changes) == 1 and changes[0].endswith("epochs 1 -> 3"), changes
+    planned, extended = summary_rows(tmp_path / 'planned'), summary_rows(tmp_path / 'extended')
+    assert [float(r['lr']) for r in extended] == [float(r['lr']) for r in planned]
+    assert [float(r['lr']) for r in planned] == pytest.approx([0.1, 0.075, 0.025])
+    # Epoch 0's learning rate is the same in both plans, so the whole runs are the same, both EMAs included.
+    a = torch.load(tmp_path / 'planned' / 'last.pth.tar', weights_only=True)
+    b = torch.load(tmp_path / 'extended' / 'last.pth.tar', weights_only=True)
+    for key in a['state_dict']:
+        assert torch.equal(a['state_dict'][key], b['state_dict'][key]), key
+    assert sorted(a['state_dict_emas']) == ['0.5', '0.9']
+    for decay, state in a['state_dict_emas'].items():
+        for key in state:
+            assert torch.equal(state[key], b['state_dict_emas'][decay][key]), (decay, key)
+    assert {'eval_ema0.5_top1', 'eval_ema0.9_top1'} <= set(planned[0])
+
+
+def test_resume_with_another_lr_and_weight_decay_uses_them(tmp_path, capsys):
+    train.main(vanilla_args(tmp_path, 'run', 1))
+    capsys.readouterr()
+    train.main(vanilla_args(tmp_path, 'run', 2, '--resume', 'auto', '--lr', '0.2', '--weight-decay', '0.01'))
+    log = capsys.readouterr().out
+    assert "epochs 1 -> 2; lr 0.1 -> 0.2; weight_decay 2e-05 -> 0.01" in log
+    rows = summary_rows(tmp_path / 'run')
+    assert [float(r['lr']) for r in rows] == pytest.approx([0.1, 0.1])  # cosine over 2 epochs from 0.2: 0.1 at 1
+    last = torch.load(tmp_path / 'run' / 'last.pth.tar', weights_only=True)
+    # timm keeps biases and norms in a group without weight decay; the other group takes the new value.
+    assert sorted(group['weight_decay'] for group in last['optimizer']['param_groups']) == [0.0, 0.01]
+    assert last['optimizer']['state'], 'the optimizer moments were dropped'
+
+
+def test_sigkill_mid_epoch_with_loader_workers_then_resume_auto_ends_with_the_uninterrupted_weights(tmp_path):
+    """A real kill: SIGKILL while epoch 1 runs (loader workers busy), then `--resume auto`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from helpers import ROOT, run_command
+    args = ['train.py', '--dataset', 'fake', '--fake-samples', '96', '--img-size', '32', '--batch-size', '8',
+            '--workers', '2', '--model', 'demo_resnet_student', '--distiller', 'vanilla', '--epochs', '2',
+            '--lr', '0.05', '--warmup-epochs', '1', '--log-interval', '1', '--output', str(tmp_path)]
+    run_command([sys.executable] + args + ['--experiment', 'full'])
+    log = tmp_path / 'killed' / 'log.txt'
+    process = subprocess.Popen([sys.executable] + args + ['--experiment', 'killed'], cwd=ROOT,
+                               env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (log.exists() and 'Train: 1 [ 2/12]' in log.read_text()):
+            assert process.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL
+    assert torch.load(tmp_path / 'killed' / 'last.pth.tar', weights_only=True)['epoch'] == 0  # killed in epoch 1
+    output = run_command([sys.executable] + args + ['--experiment', 'killed', '--resume', 'auto'])
+    assert 'Resumed from' in output and 'at epoch 1' in output
+    full = torch.load(tmp_path / 'full' / 'last.pth.tar', weights_only=True)['state_dict']
+    resumed = torch.load(tmp_path / 'killed' / 'last.pth.tar', weights_only=True)['state_dict']
+    worst = max((full[k].float() - resumed[k].float()).abs().max().item() for k in full)
+    print(f'SIGKILL mid-epoch then --resume auto: largest weight difference to the uninterrupted run {worst:.2e}')
+    assert worst == 0.0
+    assert len(summary_rows(tmp_path / 'killed')) == 2

@@ -5,6 +5,7 @@ distiller's extra modules under `distiller`, optimizer, scheduler, AMP scaler, E
 RNG states and the arguments. The saver writes `tmp.pth.tar` and renames it to `last.pth.tar`, so a
 process killed while saving leaves the previous `last.pth.tar` whole.
 """
+import logging
 import os
 import random
 
@@ -14,7 +15,11 @@ from timm.utils import CheckpointSaver, get_state_dict, unwrap_model
 
 from .errors import UserError
 
+_logger = logging.getLogger(__name__)
+
 LAST = 'last.pth.tar'
+# Arguments that say where and how a run was started, not what it trains: not reported as changes on resume.
+NOT_A_CHANGE = ('resume', 'output_dir', 'config', 'local_rank', 'device_type', 'world_size', 'workers', 'log_wandb')
 
 
 def rng_state():
@@ -40,11 +45,12 @@ def set_rng_state(state):
 class DistillationSaver(CheckpointSaver):
     """timm's saver (last, model_best, best `max_history` by top-1) writing our extra state."""
 
-    def __init__(self, distiller, optimizer, scheduler, args, model_ema, amp_scaler, checkpoint_dir, max_history):
-        super().__init__(model=distiller.student, optimizer=optimizer, args=args, model_ema=model_ema,
-                         amp_scaler=amp_scaler, checkpoint_dir=checkpoint_dir, max_history=max_history)
+    def __init__(self, distiller, optimizer, scheduler, args, model_emas, amp_scaler, checkpoint_dir, max_history):
+        super().__init__(model=distiller.student, optimizer=optimizer, args=args, amp_scaler=amp_scaler,
+                         checkpoint_dir=checkpoint_dir, max_history=max_history)
         self.distiller = distiller
         self.scheduler = scheduler
+        self.model_emas = model_emas
 
     def _save(self, save_path, epoch, metric=None):
         state = {
@@ -63,8 +69,10 @@ class DistillationSaver(CheckpointSaver):
         }
         if self.amp_scaler is not None:
             state['amp_scaler'] = self.amp_scaler.state_dict()
-        if self.model_ema is not None:
-            state['state_dict_ema'] = get_state_dict(self.model_ema, unwrap_model)
+        if self.model_emas is not None:
+            # The first EMA under timm's key, so timm's tools and validate.py --use-ema read it; all of them by decay.
+            state['state_dict_ema'] = get_state_dict(self.model_emas.emas[0], unwrap_model)
+            state['state_dict_emas'] = self.model_emas.state_dicts()
         torch.save(state, save_path)
 
 
@@ -90,8 +98,30 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint '{path}' is damaged and cannot be read ({type(e).__name__}){hint}") from None
 
 
-def resume(path, distiller, optimizer, scheduler, model_ema, amp_scaler, saver):
-    """Restore a run; returns the epoch to start from."""
+def changed_arguments(saved, args):
+    """'name old -> new' for each argument the command line changed since the checkpoint was written."""
+    current = vars(args)
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        if key in NOT_A_CHANGE:
+            continue
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, tuple):
+            old = list(old)
+        if isinstance(new, tuple):
+            new = list(new)
+        if old != new:
+            changes.append(f'{key} {old!r} -> {new!r}')
+    return changes
+
+
+def resume(path, distiller, optimizer, model_emas, amp_scaler, saver):
+    """Restore a run's state: weights, optimizer moments, EMAs, scaler, RNG; returns the epoch to start from.
+
+    The command line is the plan: the learning-rate schedule is not restored but rebuilt from the flags and
+    stepped to the start epoch by the caller (as timm's train.py does), and the optimizer keeps this command
+    line's hyper-parameters (lr, weight decay, momentum, betas) with the checkpoint's moments.
+    """
     checkpoint = load_checkpoint(path)
     for key in ('state_dict', 'optimizer', 'epoch'):
         if key not in checkpoint:
@@ -105,14 +135,25 @@ def resume(path, distiller, optimizer, scheduler, model_ema, amp_scaler, saver):
         distiller.load_extra_state_dict(checkpoint.get('distiller', {}))
     except (RuntimeError, KeyError) as e:
         raise UserError(f"'{path}' does not fit this run's student or distiller: {str(e).splitlines()[0]}") from None
+    planned = [{key: value for key, value in group.items() if key != 'params'} for group in optimizer.param_groups]
     optimizer.load_state_dict(checkpoint['optimizer'])
-    scheduler.load_state_dict(checkpoint['scheduler'])
+    for group, hyper_parameters in zip(optimizer.param_groups, planned):
+        group.update(hyper_parameters)
     if amp_scaler is not None and 'amp_scaler' in checkpoint:
         amp_scaler.load_state_dict(checkpoint['amp_scaler'])
-    if model_ema is not None and 'state_dict_ema' in checkpoint:
-        unwrap_model(model_ema).load_state_dict(checkpoint['state_dict_ema'])
+    if model_emas is not None:
+        states = checkpoint.get('state_dict_emas')
+        if states is None and 'state_dict_ema' in checkpoint:  # one EMA, written before several were kept
+            states = {f'{model_emas.decays[0]!r}': checkpoint['state_dict_ema']}
+        fresh = model_emas.load_state_dicts(states or {}, distiller.student)
+        if fresh:
+            _logger.info(f"EMA decay {', '.join(f'{d:g}' for d in fresh)} not in '{path}': "
+                         f"started from the resumed student's weights")
     if 'rng' in checkpoint:
         set_rng_state(checkpoint['rng'])
     if 'saver' in checkpoint and saver is not None:
         saver.load_state_dict(checkpoint['saver'])
+    changes = changed_arguments(checkpoint.get('args', {}), distiller.args)
+    _logger.info(f"Arguments changed since '{path}': {'; '.join(changes)}" if changes else
+                 f"Arguments unchanged since '{path}'")
     return checkpoint['epoch'] + 1

@@ -6,12 +6,15 @@ silently fall back to a default.
 """
 import argparse
 import difflib
+import logging
 
 import yaml
 
 import distillers
 from .errors import UserError
 from .yaml_file import load_yaml
+
+_logger = logging.getLogger(__name__)
 
 DATASETS = ('cifar100', 'imagenet', 'folder', 'digits', 'fake')
 
@@ -20,6 +23,11 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with its usage errors on one line: what was wrong and where to look."""
 
     def error(self, message):
+        ignored = [f'--{key.replace("_", "-")}' for key in REFERENCE_RUN_STATE
+                   if f'--{key.replace("_", "-")}' in message.split()]
+        if ignored:
+            message += (f" ({', '.join(ignored)}: state that the OFA-KD / RSD train.py records, with no meaning here; "
+                        f"--amp is the mixed-precision flag)")
         self.exit(2, f'error: {message}; see {self.prog} --help\n')
 
 
@@ -40,11 +48,13 @@ def add_data_arguments(parser):
     group = parser.add_argument_group('Data')
     group.add_argument('data_dir', nargs='?', default='', metavar='DATA',
                        help='dataset folder (not needed for --dataset digits or fake)')
-    group.add_argument('--dataset', default='imagenet', choices=DATASETS,
+    group.add_argument('--dataset', '-d', default='', choices=('',) + DATASETS, metavar='{' + ','.join(DATASETS) + '}',
                        help='cifar100: torchvision CIFAR-100 files; imagenet/folder: DATA/train and DATA/val '
-                            'ImageFolders; digits: scikit-learn digits (offline); fake: synthetic images')
-    group.add_argument('--dataset-download', action='store_true',
-                       help='download CIFAR-100 into DATA if it is missing (needs network)')
+                            'ImageFolders; digits: scikit-learn digits (offline); fake: synthetic images '
+                            '(default: what DATA holds, cifar-100-python/ or train/ + val/)')
+    group.add_argument('--dataset-download', action=argparse.BooleanOptionalAction, default=True,
+                       help='download CIFAR-100 (checksums verified) into DATA when it is missing, as the reference '
+                            'does; --no-dataset-download forbids it')
     group.add_argument('--fake-samples', type=int, default=256, help='training images of --dataset fake')
     group.add_argument('--train-subset', type=int, default=0,
                        help='train on a fixed subset of this many images (0: all)')
@@ -94,8 +104,14 @@ def build_parser():
                        help='extra keyword arguments for the student, key=value')
     group.add_argument('--drop', type=float, default=0.0, help='student dropout rate')
     group.add_argument('--drop-path', type=float, default=None, help='student drop-path rate')
+    group.add_argument('--drop-connect', type=float, default=None,
+                       help="the reference's old name of --drop-path (used when --drop-path is not given)")
+    group.add_argument('--drop-block', type=float, default=None, help='student drop-block rate (CNNs that have it)')
+    group.add_argument('--gp', default=None, help="student global pool type (timm's global_pool; default: the model's)")
     group.add_argument('--teacher', default='', help='teacher: a timm model name')
     group.add_argument('--teacher-pretrained', default='', metavar='FILE', help='teacher weights file')
+    group.add_argument('--use-ema-teacher', action='store_true',
+                       help="take the teacher's EMA weights (state_dict_ema) from --teacher-pretrained")
     group.add_argument('--teacher-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='extra keyword arguments for the teacher, key=value')
     group.add_argument('--teacher-dtype', default=None, choices=('float32', 'bfloat16', 'float16'),
@@ -104,6 +120,9 @@ def build_parser():
     group.add_argument('--eval-teacher', action='store_true',
                        help='evaluate the teacher on the validation set before training')
     group.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm for the student (distributed)')
+    group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
+                       help="after each epoch, before evaluation, average ('reduce') or copy from rank 0 "
+                            "('broadcast') the BatchNorm statistics of all processes; '' keeps each rank's own")
 
     group = parser.add_argument_group('Distillation')
     group.add_argument('--distiller', default='vanilla',
@@ -128,12 +147,21 @@ def build_parser():
     group.add_argument('--sched', default='cosine', help='timm scheduler name')
     group.add_argument('--sched-on-updates', action='store_true', help='step the schedule every update')
     group.add_argument('--min-lr', type=float, default=1e-6)
-    group.add_argument('--warmup-lr', type=float, default=1e-5)
+    group.add_argument('--warmup-lr', type=float, default=1e-4)
     group.add_argument('--warmup-epochs', type=int, default=0)
     group.add_argument('--cooldown-epochs', type=int, default=0)
-    group.add_argument('--decay-epochs', type=float, default=90)
+    group.add_argument('--decay-epochs', type=float, default=100)
     group.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270])
-    group.add_argument('--decay-rate', type=float, default=0.1)
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+    group.add_argument('--patience-epochs', type=int, default=10, help='plateau schedule: epochs without improvement')
+    group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='PCT',
+                       help='learning-rate noise on (and off) as fractions or epochs of the schedule')
+    group.add_argument('--lr-noise-pct', type=float, default=0.67, help='learning-rate noise limit')
+    group.add_argument('--lr-noise-std', type=float, default=1.0, help='learning-rate noise std')
+    group.add_argument('--lr-cycle-mul', type=float, default=1.0, help='cosine cycle length multiplier')
+    group.add_argument('--lr-cycle-decay', type=float, default=0.5, help='learning-rate decay per cosine cycle')
+    group.add_argument('--lr-cycle-limit', type=int, default=1, help='number of cosine cycles')
+    group.add_argument('--lr-k-decay', type=float, default=1.0, help='k-decay of cosine/poly schedules')
 
     group = parser.add_argument_group('Augmentation and regularisation')
     group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
@@ -152,7 +180,12 @@ def build_parser():
     group.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], help='random-resized-crop ratio')
     group.add_argument('--train-interpolation', default='random')
     group.add_argument('--model-ema', action='store_true', help='keep an EMA of the student weights')
-    group.add_argument('--model-ema-decay', type=float, default=0.9998)
+    group.add_argument('--model-ema-decay', type=float, nargs='+', default=[0.9998],
+                       help='EMA decay; several values keep several EMAs, each evaluated, saved and resumed')
+    group.add_argument('--bce-loss', action='store_true',
+                       help="binary cross-entropy (timm's BinaryCrossEntropy) as the ground-truth loss")
+    group.add_argument('--bce-target-thresh', type=float, default=None,
+                       help='binarise the (smoothed or mixed) BCE targets at this threshold')
 
     group = parser.add_argument_group('Output and checkpoints')
     group.add_argument('--output', default='./output', help='parent folder of the run folders')
@@ -162,28 +195,115 @@ def build_parser():
     group.add_argument('--checkpoint-hist', type=int, default=3, help='how many best checkpoints to keep')
     group.add_argument('--log-interval', type=int, default=50, help='steps between progress lines')
     group.add_argument('--eval-interval', type=int, default=1, help='epochs between evaluations')
+    group.add_argument('--log-wandb', action='store_true', help='also log to Weights & Biases (needs wandb)')
 
     add_runtime_arguments(parser)
+    add_data_path_arguments(parser)
+    add_reference_arguments(parser)
     return parser
+
+
+def add_data_path_arguments(parser):
+    """Data-path flags of the OFA-KD / RSD train.py (declared here as well as in the data-path work; keep one)."""
+    group = parser.add_argument_group('Data path (reference flags)')
+    group.add_argument('--no-prefetcher', action='store_true', help="the reference's switch for its CUDA prefetcher")
+    group.add_argument('--aug-repeats', type=float, default=0, help='repeated augmentation: copies of each image')
+    group.add_argument('--mixup-off-epoch', type=int, default=0, help='turn mixup/cutmix off from this epoch (0: never)')
+    group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
+                       help='cutmix box ratio min max; enables cutmix and overrides its alpha')
+
+
+# Flags of the OFA-KD / RSD train.py that mean nothing here, each accepted at the reference's default so
+# that its command lines and its args.yaml parse; any other value is an error saying what to do instead.
+UNSUPPORTED_REFERENCE_FLAGS = {
+    # flag: (type, nargs or None, reference default, what to do instead)
+    'speedtest': (bool, None, False, 'time a step with bench/step.py'),
+    'eval-interval-end': (float, None, 0.75, 'use --eval-interval'),
+    'train-split': (str, None, 'train', 'put the training images in DATA/train'),
+    'val-split': (str, None, 'validation', 'put the validation images in DATA/val'),
+    'class-map': (str, None, '', 'name the class folders as the classes'),
+    'initial-checkpoint': (str, None, '', 'use --pretrained --pretrained-path FILE'),
+    'layer-decay': (float, None, None, 'not supported for distillers, whose extra modules have no layer order'),
+    'epoch-repeats': (float, None, 0.0, 'raise --epochs instead'),
+    'start-epoch': (int, None, None, 'use --resume, which restores the epoch'),
+    'no-aug': (bool, None, False, 'set --scale 1 1 --ratio 1 1 --hflip 0 --color-jitter 0'),
+    'vflip': (float, None, 0.0, 'not supported'),
+    'aug-splits': (int, None, 0, 'AugMix splits are not supported'),
+    'jsd-loss': (bool, None, False, 'AugMix splits are not supported'),
+    'resplit': (bool, None, False, 'AugMix splits are not supported'),
+    'split-bn': (bool, None, False, 'AugMix splits are not supported'),
+    'bn-momentum': (float, None, None, 'not supported'),
+    'bn-eps': (float, None, None, 'not supported'),
+    'model-ema-force-cpu': (bool, None, False, 'EMAs stay on the training device'),
+    'worker-seeding': (str, None, 'all', 'workers are always seeded from (seed, epoch, rank)'),
+    'recovery-interval': (int, None, 0, 'a killed run resumes from its last epoch with --resume auto'),
+    'save-images': (bool, None, False, 'not supported'),
+    'no-ddp-bb': (bool, None, False, 'DDP always broadcasts buffers'),
+    'eval-metric': (str, None, 'top1', 'the best checkpoints are chosen by top-1'),
+    'tta': (int, None, 0, 'not supported'),
+    'dist-url': (str, None, 'env://', 'set MASTER_ADDR and MASTER_PORT'),
+    'use-multi-epochs-loader': (bool, None, False, 'not supported'),
+}
+
+# Keys that the reference's args.yaml records about its run (not flags here): skipped in a YAML file with one
+# warning; on the command line they are unknown flags.
+REFERENCE_RUN_STATE = ('apex_amp', 'native_amp', 'torchscript', 'local_rank', 'rank', 'world_size', 'distributed',
+                       'prefetcher', 'device')
+
+
+def add_reference_arguments(parser):
+    """The rest of the OFA-KD / RSD train.py's flags: baseline-method flags (when no distiller here declares
+    them) and those that mean nothing here, accepted only at the reference's defaults."""
+    group = parser.add_argument_group('Flags of the OFA-KD / RSD train.py')
+    baselines = [('--correlation-scale', float, 0.02), ('--correlation-feat-dim', int, 128),
+                 ('--crd-feat-dim', int, 128), ('--crd-k', int, 16384), ('--crd-momentum', float, 0.5),
+                 ('--crd-temperature', float, 0.07), ('--rkd-distance-weight', float, 25.0),
+                 ('--rkd-angle-weight', float, 50.0), ('--rkd-eps', float, 1e-12), ('--fitnet-loss-weight', float, 1.0)]
+    known = parser._option_string_actions
+    for flag, kind, default in baselines:
+        if flag not in known:
+            group.add_argument(flag, type=kind, default=default, help=argparse.SUPPRESS)
+    if '--rkd-squared' not in known:
+        group.add_argument('--rkd-squared', action='store_true', help=argparse.SUPPRESS)
+    if '--fitnet-stage' not in known:
+        group.add_argument('--fitnet-stage', type=int, nargs='+', default=[1, 2, 3, 4], help=argparse.SUPPRESS)
+    for flag, (kind, nargs, default, instead) in UNSUPPORTED_REFERENCE_FLAGS.items():
+        help_text = f'reference flag, accepted at its default only: {instead}'
+        names = [f'--{flag}'] + (['--dist_url'] if flag == 'dist-url' else [])  # the reference spells it so
+        if kind is bool:
+            group.add_argument(*names, action='store_true', help=help_text)
+        else:
+            group.add_argument(*names, type=kind, nargs=nargs, default=default, help=help_text)
 
 
 def yaml_defaults(parser, path):
     """Turn a YAML file into argparse defaults, rejecting keys that no flag knows."""
     actions = {action.dest: action for action in parser._actions}
     known = set(actions) - {'help', 'config'}
-    defaults = {}
+    defaults, run_state = {}, []
     for key, value in load_yaml(path).items():
         dest = str(key).replace('-', '_')
+        if dest in REFERENCE_RUN_STATE and not _our_value(dest, value):
+            run_state.append(str(key))
+            continue
         if dest in DERIVED_KEYS:
             continue
         if dest not in known:
             close = difflib.get_close_matches(dest, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else '; see train.py --help for the flags'
             raise UserError(f"config '{path}': unknown key '{key}' (no flag --{dest.replace('_', '-')}){hint}")
-        if actions[dest].nargs in ('+', '*') and not isinstance(value, (list, dict)):
+        if actions[dest].nargs in ('+', '*') and value is not None and not isinstance(value, (list, dict)):
             value = [value]  # `ofa_eps: 1.5` means the one-element list of `--ofa-eps 1.5`
         defaults[dest] = value
+    if run_state:
+        _logger.warning(f"config '{path}': ignored {', '.join(run_state)}: the OFA-KD / RSD train.py records them "
+                        f"about its own run; here they follow from the launcher and --amp")
     return defaults
+
+
+def _our_value(dest, value):
+    """`device` is also our flag; the reference records a CUDA index there (0, 'cuda:0'), which is not."""
+    return dest == 'device' and value in (None, 'cpu', 'cuda')
 
 
 # Filled in by train.py after parsing; kept out of args.yaml so that the file works as a --config.
@@ -208,8 +328,15 @@ def parse_args(argv=None, parser=None):
 
 def check_args(args):
     """Range checks on the merged arguments, before anything heavy is built."""
-    if args.dataset not in DATASETS:
+    if args.dataset and args.dataset not in DATASETS:
         raise UserError(f"unknown dataset type '{args.dataset}'; known: {', '.join(DATASETS)}")
+    for flag, (_, _, default, instead) in UNSUPPORTED_REFERENCE_FLAGS.items():
+        value = getattr(args, flag.replace('-', '_'))
+        if value != default:
+            raise UserError(f"--{flag} {value}: this flag of the OFA-KD / RSD train.py is accepted only at its default "
+                            f"({default!r}) here; {instead}")
+    if args.dist_bn not in ('reduce', 'broadcast', ''):  # a YAML config bypasses argparse's choices
+        raise UserError(f"--dist-bn must be reduce, broadcast or '' (empty), got '{args.dist_bn}'")
     try:
         distiller_class = distillers.get_distiller(args.distiller)
     except distillers.UnknownDistillerError as e:
@@ -233,8 +360,18 @@ def check_args(args):
         raise UserError(f'--smoothing must be in [0, 1), got {args.smoothing}')
     if args.num_classes is not None and args.num_classes < 1:
         raise UserError(f'--num-classes must be positive, got {args.num_classes}')
-    if args.model_ema and not 0 < args.model_ema_decay < 1:
-        raise UserError(f'--model-ema-decay must be in (0, 1), got {args.model_ema_decay}')
+    if args.model_ema and not all(0 < decay < 1 for decay in args.model_ema_decay):
+        raise UserError(f'--model-ema-decay values must be in (0, 1), got {args.model_ema_decay}')
+    if args.model_ema and len(set(args.model_ema_decay)) != len(args.model_ema_decay):
+        raise UserError(f'--model-ema-decay lists a decay twice: {args.model_ema_decay}')
+    if args.bce_target_thresh is not None and not 0 <= args.bce_target_thresh <= 1:
+        raise UserError(f'--bce-target-thresh must be in [0, 1], got {args.bce_target_thresh}')
+    if args.log_wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError('--log-wandb needs the wandb package (pip install wandb); leave the flag out '
+                            'to log to TensorBoard and summary.csv only') from None
     try:
         distiller_class.check_args(args)
     except ValueError as e:

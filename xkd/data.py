@@ -48,16 +48,40 @@ class CIFAR100Folder(CIFAR100):
 
 
 def cifar100_root(data_dir, download):
-    """Accept both the folder holding `cifar-100-python/` and that folder itself."""
+    """Accept both the folder holding `cifar-100-python/` and that folder itself; download into it if allowed.
+
+    As the reference, a missing CIFAR-100 is downloaded (torchvision checks the archive's MD5) unless
+    --no-dataset-download; without network the error says where to put the files.
+    """
     if os.path.basename(os.path.normpath(data_dir)) == CIFAR100.base_folder:
         data_dir = os.path.dirname(os.path.normpath(data_dir))
     folder = os.path.join(data_dir, CIFAR100.base_folder)
-    if not download and not all(os.path.isfile(os.path.join(folder, f)) for f in ('train', 'test', 'meta')):
-        raise UserError(
-            f"CIFAR-100 not found: looked for train, test and meta in '{os.path.abspath(folder)}'. "
-            f"Put the python version of CIFAR-100 (cifar-100-python.tar.gz, extracted) there, "
-            f"or add --dataset-download to fetch it.")
+    if all(os.path.isfile(os.path.join(folder, f)) for f in ('train', 'test', 'meta')):
+        return data_dir
+    where = (f"looked for train, test and meta in '{os.path.abspath(folder)}'. Put the python version of "
+             f"CIFAR-100 (cifar-100-python.tar.gz, extracted) there")
+    if not download:
+        raise UserError(f"CIFAR-100 not found: {where}, or leave out --no-dataset-download to fetch it.")
+    try:
+        CIFAR100(data_dir, train=True, download=True)
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a corrupt download
+        raise UserError(f"CIFAR-100 not found and the download failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}): {where}.") from None
     return data_dir
+
+
+def infer_dataset_type(data_dir):
+    """What DATA holds when --dataset is not given: cifar-100-python/ -> cifar100, train/ + val/ -> folder."""
+    from .config import DATASETS
+    if data_dir:
+        if (os.path.basename(os.path.normpath(data_dir)) == CIFAR100.base_folder
+                or os.path.isdir(os.path.join(data_dir, CIFAR100.base_folder))):
+            return 'cifar100'
+        if all(os.path.isdir(os.path.join(data_dir, split)) for split in ('train', 'val')):
+            return 'folder'
+    what = f"'{data_dir}' holds neither cifar-100-python/ nor train/ and val/" if data_dir else 'no data folder given'
+    raise UserError(f"--dataset not given and {what}; choose one of {', '.join(DATASETS)} "
+                    f"(cifar100 is downloaded into DATA when missing)")
 
 
 class DigitsDataset(Dataset):
@@ -127,12 +151,14 @@ def image_folder(data_dir, split):
 
 
 def create_datasets(args):
-    """(train, val) datasets without transforms; `args.dataset` picks the type."""
+    """(train, val) datasets without transforms; `args.dataset` picks the type (inferred from DATA when empty)."""
+    if not args.dataset:
+        args.dataset = infer_dataset_type(args.data_dir)
     if args.dataset == 'cifar100':
         if not args.data_dir:
             raise UserError('--dataset cifar100 needs the data folder as the first argument')
         root = cifar100_root(args.data_dir, args.dataset_download)
-        train = CIFAR100Folder(root, train=True, download=args.dataset_download)
+        train = CIFAR100Folder(root, train=True)
         val = CIFAR100Folder(root, train=False)
     elif args.dataset in ('imagenet', 'folder'):
         if not args.data_dir:
@@ -191,7 +217,7 @@ def data_config(args):
         mean=tuple(args.mean or defaults['mean']),
         std=tuple(args.std or defaults['std']),
         crop_pct=args.crop_pct or defaults['crop_pct'],
-        interpolation=args.interpolation,
+        interpolation=args.interpolation or 'bilinear',  # '' is the reference's default, written in its args.yaml
     )
 
 

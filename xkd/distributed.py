@@ -76,6 +76,16 @@ def check_replicas(module, env):
             raise RuntimeError(f'the weights of rank {rank} differ from those of rank 0')
 
 
+def distribute_bn(modules, env, mode):
+    """BatchNorm running statistics made the same on every rank: 'reduce' averages them, 'broadcast' copies
+    rank 0's, '' leaves each rank its own (the reference's --dist-bn, with timm's distribute_bn)."""
+    if not env.distributed or not mode:
+        return
+    from timm.utils import distribute_bn as timm_distribute_bn
+    for module in modules:
+        timm_distribute_bn(module, env.world_size, reduce=mode == 'reduce')
+
+
 def broadcast_object(obj, env):
     """Rank 0's `obj` on every rank."""
     if not env.distributed:

@@ -24,13 +24,21 @@ def setup_logging(output_dir=None, is_main=True):
 class RunRecorder:
     """summary.csv rows (epoch, train loss per key, eval metrics, lr) and TensorBoard scalars."""
 
-    def __init__(self, output_dir, enabled):
+    def __init__(self, output_dir, enabled, wandb_config=None):
+        """`wandb_config`: the run's arguments, to log to Weights & Biases as well (--log-wandb)."""
         self.output_dir = output_dir
         self.enabled = enabled
         self.writer = None
+        self.wandb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=output_dir)
+            if wandb_config is not None:
+                import wandb
+                name = os.path.basename(os.path.normpath(output_dir))
+                wandb.init(project=wandb_config.get('experiment') or name, name=name, config=wandb_config,
+                           dir=output_dir, resume='allow', id=name)
+                self.wandb = wandb
 
     def forget_from(self, epoch):
         """On resume, drop summary rows of epochs that the resumed run will train again."""
@@ -61,7 +69,13 @@ class RunRecorder:
             self.writer.add_scalar(f'eval/{key}', value, epoch)
         self.writer.add_scalar('lr', lr, epoch)
         self.writer.flush()
+        if self.wandb is not None:
+            row = {'epoch': epoch, 'lr': lr, **{f'train_{k}': v for k, v in train_metrics.items()},
+                   **{f'eval_{k}': v for k, v in (eval_metrics or {}).items() if v != ''}}
+            self.wandb.log(row, step=epoch)
 
     def close(self):
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()

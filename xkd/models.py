@@ -252,10 +252,11 @@ def create_teacher(args):
     """The frozen teacher: built, its weights loaded, in eval mode with no gradients."""
     teacher = create_model(args.teacher, args.num_classes, args.input_size, **args.teacher_kwargs)
     if args.teacher_pretrained:
-        state_dict = read_state_dict(args.teacher_pretrained)
+        state_dict = read_state_dict(args.teacher_pretrained, use_ema=args.use_ema_teacher)
         load_weights(teacher, state_dict, args.teacher, args.teacher_pretrained, args.num_classes,
                      '--teacher-pretrained')
-        _logger.info(f"Loaded teacher '{args.teacher}' from {args.teacher_pretrained}")
+        _logger.info(f"Loaded teacher '{args.teacher}' from {args.teacher_pretrained}"
+                     + (' (EMA weights)' if args.use_ema_teacher else ''))
     else:
         _logger.warning('!' * 80)
         _logger.warning(f"NO TEACHER WEIGHTS: '{args.teacher}' is randomly initialised (no --teacher-pretrained). "

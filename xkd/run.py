@@ -36,7 +36,7 @@ def default_experiment(args):
 
 def output_folder(args):
     """The run folder: `--output/--experiment`; a fresh run never writes into another run's folder."""
-    base = os.path.join(args.output, args.experiment or default_experiment(args))
+    base = os.path.join(args.output or './output', args.experiment or default_experiment(args))
     if args.resume or not os.path.exists(os.path.join(base, 'last.pth.tar')):
         return base
     if args.experiment:
