@@ -65,7 +65,8 @@ def test_old_timm_swin_conversion_is_logged_in_one_line(caplog):
 
 def teacher_args(family, path, num_classes=NUM_CLASSES):
     return argparse.Namespace(teacher=MANIFEST[family]['model'], num_classes=num_classes,
-                              input_size=(3, IMG_SIZE, IMG_SIZE), teacher_kwargs={}, teacher_pretrained=path)
+                              input_size=(3, IMG_SIZE, IMG_SIZE), teacher_kwargs={}, teacher_pretrained=path,
+                              use_ema_teacher=False)
 
 
 @pytest.mark.parametrize('family', ['ConvNeXt', 'DeiT distilled', 'Swin'])
