@@ -171,6 +171,24 @@ def dataset_num_classes(args, train_set):
     return default
 
 
+class DataLoadingError(UserError):
+    """A sample that could not be read or transformed, named by its index and the transform step.
+
+    Raised in a loader worker, it reaches the main process re-created from its text with the worker's
+    traceback in front; only the last line, ours, is kept so that the user sees one line.
+    """
+
+    def __init__(self, message):
+        lines = [line for line in str(message).strip().splitlines() if line.strip()]
+        if len(lines) > 1 and 'Traceback' in str(message):
+            message = lines[-1].split(f'{type(self).__name__}: ', 1)[-1]
+        super().__init__(message)
+
+
+def one_line(value):
+    return ' '.join(repr(value).split())
+
+
 class TransformedDataset(Dataset):
     def __init__(self, dataset, transform):
         self.dataset = dataset
@@ -180,8 +198,18 @@ class TransformedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        image, target = self.dataset[i]
-        return self.transform(image), target
+        step = 'reading the image'
+        try:
+            image, target = self.dataset[i]
+            steps = getattr(self.transform, 'transforms', [self.transform])
+            for step in steps:
+                image = step(image)
+        except Exception as e:
+            where = step if isinstance(step, str) else f'transform step {one_line(step)}'
+            name = type(self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset).__name__
+            raise DataLoadingError(f'sample {i} of the {name} set failed in {where}: {type(e).__name__}: '
+                                   f'{" ".join(str(e).split())}') from e
+        return image, target
 
 
 def data_config(args):

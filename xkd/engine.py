@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import dispatch_clip_grad
 
+from .data import DataLoadingError
 from .distributed import all_reduce_sum, check_replicas
 from .errors import UserError
 
@@ -71,7 +72,7 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
     sums, count = {}, 0
     interval_images, interval_start = 0, time.time()
     epoch_start = time.time()
-    for step, (images, targets) in enumerate(loader):
+    for step, (images, targets) in enumerate(batches_or_stop(loader, epoch, last_checkpoint)):
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
         if mixup_fn is not None:
@@ -113,11 +114,29 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
     return means
 
 
+def last_good(last_checkpoint):
+    return f"the last good checkpoint is '{last_checkpoint}'" if last_checkpoint else 'no checkpoint was written yet'
+
+
+def batches_or_stop(loader, epoch, last_checkpoint):
+    """The loader's batches; a sample that cannot be loaded stops the run, naming it and the last good checkpoint."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except DataLoadingError as e:
+            raise DataLoadingError(f'{e}; stopped in epoch {epoch}; {last_good(last_checkpoint)}. Fix that sample '
+                                   f'or the transform, then continue with --resume') from None
+        yield batch
+
+
 def check_finite(values, epoch, step, steps, last_checkpoint):
     if all(math.isfinite(v) for v in values.values()):
         return
     terms = ', '.join(f'{key}={value:.4g}' for key, value in values.items())
-    where = f"the last good checkpoint is '{last_checkpoint}'" if last_checkpoint else 'no checkpoint was written yet'
+    where = last_good(last_checkpoint)
     raise NonFiniteLossError(f'loss became non-finite by epoch {epoch} step {step + 1}/{steps} ({terms}); '
                              f'stopped instead of training on garbage; {where}. '
                              f'Lower --lr, set --clip-grad, or check the teacher weights')
