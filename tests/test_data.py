@@ -6,12 +6,16 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 from torch.utils.data import Dataset
 
 import train
 from helpers import ROOT, cli_error
 from xkd import data
+from xkd.data import one_line
 from xkd.config import parse_args
 from xkd.run import resolve_input_size
 
@@ -97,3 +101,64 @@ def test_failing_sample_in_a_worker_stops_the_run_naming_the_last_checkpoint(tmp
     assert 'TypeError' in err and 'stopped in epoch 1' in err
     assert f"the last good checkpoint is '{last}'" in err
     assert 'Traceback' not in err
+
+
+# ---------------------------------------------------------------- evaluation as the reference does it
+
+def cifar_eval_transform(*extra, model):
+    args = parse_args(['--config', os.path.join(ROOT, 'configs/cifar/cnn.yaml'), '--model', model, *extra])
+    args.input_size = resolve_input_size(args, args.model)
+    return data.eval_transform(data.data_config(args))
+
+
+def by_hand(resize, interpolation):
+    return transforms.Compose([transforms.Resize(resize, interpolation=interpolation), transforms.CenterCrop(224),
+                               transforms.ToTensor(), transforms.Normalize(data.CIFAR100_MEAN, data.CIFAR100_STD)])
+
+
+@pytest.mark.parametrize('model, resize, interpolation', [
+    ('resnet18', 256, InterpolationMode.BILINEAR),                # timm 0.6.5's resnet18: crop_pct 0.875, bilinear
+    ('deit_tiny_patch16_224', 248, InterpolationMode.BICUBIC),   # crop_pct 0.9, bicubic
+])
+def test_cifar100_evaluates_with_the_students_data_configuration(model, resize, interpolation):
+    ours, hand = cifar_eval_transform(model=model), by_hand(resize, interpolation)
+    resizes = [t for t in ours.transforms if isinstance(t, transforms.Resize)]
+    crops = [t for t in ours.transforms if isinstance(t, transforms.CenterCrop)]
+    assert [(t.size, t.interpolation) for t in resizes] == [(resize, interpolation)]
+    assert [t.size for t in crops] == [(224, 224)]
+    image = Image.fromarray(np.random.RandomState(1).randint(0, 256, size=(32, 32, 3), dtype=np.uint8))
+    assert torch.equal(ours(image), hand(image))
+
+
+def test_flags_override_the_students_data_configuration():
+    ours = cifar_eval_transform('--crop-pct', '1.0', '--interpolation', 'bilinear', '--mean', '0.5', '0.5', '0.5',
+                                '--std', '0.5', '0.5', '0.5', model='deit_tiny_patch16_224')
+    hand = transforms.Compose([transforms.Resize(224, interpolation=InterpolationMode.BILINEAR),
+                               transforms.CenterCrop(224), transforms.ToTensor(), transforms.Normalize(0.5, 0.5)])
+    image = Image.fromarray(np.random.RandomState(2).randint(0, 256, size=(32, 32, 3), dtype=np.uint8))
+    assert torch.equal(ours(image), hand(image))
+    args = parse_args(['--config', os.path.join(ROOT, 'configs/cifar/cnn.yaml'), '--model', 'resnet18',
+                       '--img-size', '64'])
+    args.input_size = resolve_input_size(args, args.model)
+    assert data.data_config(args)['input_size'] == (3, 64, 64)
+
+
+def test_train_interpolation_is_the_references_random_unless_emptied():
+    args = recipe_args(os.path.join(ROOT, 'configs/cifar/cnn.yaml'), '--model', 'resnet18')
+    crop = data.create_transforms(args)[0].transforms[0]
+    assert crop.interpolation == (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)
+    args = recipe_args(os.path.join(ROOT, 'configs/cifar/cnn.yaml'), '--model', 'resnet18', '--train-interpolation', '')
+    assert data.create_transforms(args)[0].transforms[0].interpolation == InterpolationMode.BILINEAR
+
+
+def test_validate_resolves_the_same_configuration_as_train():
+    import validate
+    for model in ('resnet18', 'mobilenetv2_100', 'deit_tiny_patch16_224', 'swin_pico_patch4_window7_224',
+                  'swin_nano_patch4_window7_224', 'resmlp_12_224'):
+        train_args = recipe_args(os.path.join(ROOT, 'configs/cifar/cnn.yaml'), '--model', model)
+        val_args = validate.build_parser().parse_args(['--dataset', 'cifar100', '--model', model,
+                                                       '--checkpoint', 'x.pth'])
+        val_args.input_size = resolve_input_size(val_args, model)
+        config = data.data_config(val_args)
+        assert config == data.data_config(train_args)
+        print(f"{model}: {one_line(data.eval_transform(config))}")

@@ -52,10 +52,14 @@ def add_data_arguments(parser):
     group.add_argument('--input-size', type=int, nargs=3, default=None, metavar='N',
                        help='input image size C H W (default: the student\'s)')
     group.add_argument('--img-size', type=int, default=None, help='input image size (square)')
-    group.add_argument('--crop-pct', type=float, default=None, help='eval centre-crop fraction')
-    group.add_argument('--mean', type=float, nargs=3, default=None, help='normalisation mean (default: dataset\'s)')
-    group.add_argument('--std', type=float, nargs=3, default=None, help='normalisation std (default: dataset\'s)')
-    group.add_argument('--interpolation', default='bilinear', help='resize interpolation for evaluation')
+    group.add_argument('--crop-pct', type=float, default=None,
+                       help='eval centre-crop fraction (default: the student\'s timm data configuration)')
+    group.add_argument('--mean', type=float, nargs=3, default=None,
+                       help='normalisation mean (default: CIFAR-100\'s for cifar100, else the model\'s or the set\'s)')
+    group.add_argument('--std', type=float, nargs=3, default=None,
+                       help='normalisation std (default: CIFAR-100\'s for cifar100, else the model\'s or the set\'s)')
+    group.add_argument('--interpolation', default=None,
+                       help='resize interpolation for evaluation (default: the student\'s)')
     group.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per process')
     group.add_argument('-vb', '--validation-batch-size', type=int, default=None,
                        help='evaluation batch size per process (default: --batch-size)')
@@ -150,7 +154,9 @@ def build_parser():
     group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
     group.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='random-resized-crop scale')
     group.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], help='random-resized-crop ratio')
-    group.add_argument('--train-interpolation', default='random')
+    group.add_argument('--train-interpolation', default='random',
+                       help="training interpolation: random (the reference's default), bilinear, bicubic; "
+                            "'' for the student's own")
     group.add_argument('--model-ema', action='store_true', help='keep an EMA of the student weights')
     group.add_argument('--model-ema-decay', type=float, default=0.9998)
 

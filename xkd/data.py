@@ -9,9 +9,10 @@ import pickle
 import random
 
 import numpy as np
+import timm
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision.datasets import CIFAR100, ImageFolder
 
@@ -20,14 +21,16 @@ from .errors import UserError
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
-# Per dataset type: classes, normalisation and eval crop. Small-image sets are resized whole (crop 1.0).
+# Per dataset type: classes and normalisation. Crop and interpolation are the student's (data_config).
 DATASET_DEFAULTS = {
-    'cifar100': dict(num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD, crop_pct=1.0),
-    'imagenet': dict(num_classes=1000, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.875),
-    'folder': dict(num_classes=None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.875),
-    'digits': dict(num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0),
-    'fake': dict(num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0),
+    'cifar100': dict(num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD),
+    'imagenet': dict(num_classes=1000, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+    'folder': dict(num_classes=None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+    'digits': dict(num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    'fake': dict(num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 }
+# Sets normalised with their own statistics; ImageNet and image folders take the model's, as the reference does.
+STATS_OF_THE_SET = ('cifar100', 'digits', 'fake')
 
 
 class CIFAR100Folder(CIFAR100):
@@ -212,15 +215,38 @@ class TransformedDataset(Dataset):
         return image, target
 
 
+# The papers' code ran timm 0.6.5, whose default weights (and so data configuration) of these models were
+# the ones under these tags; timm 1.x made other weights the default (resnet18: a1_in1k, 0.95 bicubic).
+REFERENCE_TAGS = {'resnet18': 'tv_in1k', 'convnext_tiny': 'fb_in1k'}
+
+
+def model_pretrained_cfg(model_name):
+    """The timm pretrained configuration a model name had in the reference code bases (None if unknown)."""
+    name = model_name if '.' in model_name or model_name not in REFERENCE_TAGS else (
+        f'{model_name}.{REFERENCE_TAGS[model_name]}')
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg.to_dict() if cfg is not None else None
+
+
 def data_config(args):
-    defaults = DATASET_DEFAULTS[args.dataset]
-    return dict(
-        input_size=tuple(args.input_size),
-        mean=tuple(args.mean or defaults['mean']),
-        std=tuple(args.std or defaults['std']),
-        crop_pct=args.crop_pct or defaults['crop_pct'],
-        interpolation=args.interpolation,
-    )
+    """The student's timm data configuration, as the reference resolves it: input size, crop_pct and
+    interpolation come from the model (`resolve_data_config`), flags override; the mean and std are
+    CIFAR-100's for CIFAR-100, the model's for ImageNet and image folders, the set's own for digits/fake.
+
+    Returns a dict with input_size, mean, std, crop_pct, interpolation (the evaluation interpolation).
+    """
+    overrides = {'input_size': tuple(args.input_size) if args.input_size else None, 'img_size': args.img_size,
+                 'crop_pct': args.crop_pct, 'interpolation': args.interpolation, 'mean': args.mean, 'std': args.std}
+    config = resolve_data_config(overrides, pretrained_cfg=model_pretrained_cfg(args.model))
+    dataset_stats = DATASET_DEFAULTS[args.dataset]['mean'], DATASET_DEFAULTS[args.dataset]['std']
+    if args.dataset in STATS_OF_THE_SET:
+        config['mean'], config['std'] = (tuple(args.mean or dataset_stats[0]), tuple(args.std or dataset_stats[1]))
+    return {key: config[key] for key in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation')}
+
+
+def train_interpolation(args, config):
+    """--train-interpolation; as in the reference, an empty value means the model's interpolation."""
+    return args.train_interpolation or config['interpolation']
 
 
 def create_transforms(args):
@@ -228,7 +254,7 @@ def create_transforms(args):
     train = create_transform(
         config['input_size'], is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
         hflip=args.hflip, color_jitter=args.color_jitter or None, auto_augment=args.aa,
-        interpolation=args.train_interpolation, mean=config['mean'], std=config['std'],
+        interpolation=train_interpolation(args, config), mean=config['mean'], std=config['std'],
         re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
     val = eval_transform(config)
     return train, val
