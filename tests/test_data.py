@@ -1,22 +1,26 @@
 """The data path: every recipe's augmentation survives thousands of images, a failing sample names itself,
-evaluation follows the student's own timm data configuration."""
+evaluation follows the student's own timm data configuration, uint8 batches are normalised (and small
+images resized) on the device as the host would have done it."""
 import glob
 import os
+import random
 import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import create_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
-from torch.utils.data import Dataset
 
 import train
 from helpers import ROOT, cli_error
 from xkd import data
-from xkd.data import one_line
 from xkd.config import parse_args
+from xkd.data import one_line
 from xkd.run import resolve_input_size
 
 RECIPES = sorted(path for path in glob.glob(os.path.join(ROOT, 'configs', '**', '*.yaml'), recursive=True)
@@ -162,3 +166,141 @@ def test_validate_resolves_the_same_configuration_as_train():
         config = data.data_config(val_args)
         assert config == data.data_config(train_args)
         print(f"{model}: {one_line(data.eval_transform(config))}")
+
+
+# ---------------------------------------------------------------- uint8 batches, normalised on the device
+
+def loaders(*flags, config='configs/cifar/vit_mlp.yaml', dataset=None, **kwargs):
+    args = recipe_args(os.path.join(ROOT, config), '--workers', '0', '--batch-size', '16', *flags)
+    train_set = dataset or data.FakeDataset(64, 10, image_size=32)
+    return data.create_loaders(args, train_set, data.FakeDataset(40, 10, image_size=32, seed=1),
+                               torch.device('cpu'), **kwargs)
+
+
+def first_batch(loader, epoch=0):
+    loader.sampler.set_epoch(epoch)
+    return next(iter(loader))
+
+
+# PIL computes with fixed-point weights and rounds to uint8 after each of its two passes, the device path
+# once at the end (in float): they differ by less than 2 grey levels (measured: up to 1.6).
+RESIZE_TOLERANCE = 2 / 255
+
+
+def test_uint8_batches_normalised_on_the_device_equal_the_host_float_path():
+    """Per-sample seeding makes both paths draw the same crops, flips and RandAugment operations."""
+    common = ('--img-size', '32', '--reprob', '0')
+    uint8_train, uint8_val = loaders(*common)
+    float_train, float_val = loaders(*common, '--no-prefetcher')
+    raw = next(iter(uint8_train.loader))
+    assert raw[0].dtype == torch.uint8 and raw[0].shape == (16, 3, 32, 32)
+    assert next(iter(float_train.loader))[0].dtype == torch.float32
+    for epoch in (0, 3):
+        (a, ta, ia), (b, tb, ib) = first_batch(uint8_train, epoch), first_batch(float_train, epoch)
+        assert torch.equal(ta, tb) and torch.equal(ia, ib)
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    (a, ta), (b, tb) = next(iter(uint8_val)), next(iter(float_val))
+    assert torch.equal(ta, tb) and torch.allclose(a, b, atol=1e-5)
+
+
+def test_training_batches_carry_dataset_indices():
+    train, _ = loaders('--img-size', '32')
+    dataset = train.dataset.dataset
+    seen = []
+    train.sampler.set_epoch(0)
+    for images, targets, indices in train:
+        assert indices.dtype == torch.int64
+        assert targets.tolist() == [dataset.targets[i] for i in indices.tolist()]
+        seen += indices.tolist()
+    assert len(seen) == len(set(seen)) == 64 and min(seen) >= 0 and max(seen) < len(dataset)
+
+
+def test_augmentation_does_not_depend_on_workers_or_processes():
+    args = recipe_args(os.path.join(ROOT, 'configs/cifar/vit_mlp.yaml'), '--img-size', '32', '--batch-size', '8')
+    transform, _ = data.create_transforms(args)
+    dataset = data.TransformedDataset(data.FakeDataset(32, 4), transform, with_index=True)
+
+    def epoch_images(rank, world_size, workers):
+        args.workers = workers
+        loader = data.create_train_loader(dataset, args, rank, world_size)
+        loader.sampler.set_epoch(2)
+        return {int(i): image for images, _, indices in loader for image, i in zip(images, indices)}
+    one = epoch_images(0, 1, 0)
+    two = {**epoch_images(0, 2, 1), **epoch_images(1, 2, 0)}
+    assert one.keys() == two.keys() and all(torch.equal(one[i], two[i]) for i in one)
+    random.seed(5)
+    before = random.random()
+    random.seed(5)
+    epoch_images(0, 1, 0)
+    assert random.random() == before  # --workers 0 leaves the training loop's generators alone
+
+
+# ---------------------------------------------------------------- small images resized on the device
+
+def test_device_resize_equals_pil_for_a_full_image_crop():
+    rng = np.random.RandomState(3)
+    images = rng.randint(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    batch = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in images])
+    for mode, pil_mode in (('bilinear', Image.BILINEAR), ('bicubic', Image.BICUBIC), ('nearest', Image.NEAREST)):
+        boxes = torch.tensor([[0, 0, 32, 32, 0, data.DEVICE_INTERPOLATIONS.index(mode)]] * 12)
+        device = data.resize_crop(batch, boxes, (224, 224)) / 255
+        host = torch.stack([transforms.functional.pil_to_tensor(Image.fromarray(image).resize((224, 224), pil_mode))
+                            for image in images]) / 255
+        assert (device - host).abs().max() <= RESIZE_TOLERANCE, mode
+
+
+@pytest.mark.parametrize('config', ['configs/cifar/cnn.yaml', 'configs/cifar/vit_mlp.yaml'])
+def test_device_resize_reproduces_the_host_crops_flips_and_interpolations(config):
+    """The same sample seed draws the same box, flip and interpolation on both paths; the colour operations
+    (RandAugment here) run before the crop on the device path, so they are left out of this comparison."""
+    flags = ('--img-size', '96', '--reprob', '0', '--aa', '', '--color-jitter', '0', '--batch-size', '16')
+    dataset = data.FakeDataset(48, 10, image_size=32)
+    host, host_val = loaders(*flags, '--device-resize', 'off', config=config, dataset=dataset)
+    device, device_val = loaders(*flags, '--device-resize', 'on', config=config, dataset=dataset)
+    assert next(iter(device.loader))[0][0].shape == (16, 3, 32, 32)  # native size on the host
+    std = torch.tensor(data.CIFAR100_STD).view(1, 3, 1, 1)
+    for epoch in (0, 1):
+        (a, ta, ia), (b, tb, ib) = first_batch(host, epoch), first_batch(device, epoch)
+        assert torch.equal(ia, ib) and a.shape == b.shape == (16, 3, 96, 96)
+        assert ((a - b) * std).abs().max() <= RESIZE_TOLERANCE
+    (a, _), (b, _) = next(iter(host_val)), next(iter(device_val))
+    assert ((a - b) * std).abs().max() <= RESIZE_TOLERANCE
+
+
+def test_device_crop_boxes_follow_timms_sampler():
+    """Area fraction, aspect ratio and place of 20,000 boxes against timm's RandomResizedCrop sampler run apart."""
+    args = recipe_args(os.path.join(ROOT, 'configs/cifar/cnn.yaml'))
+    crop_flip, colour, _ = create_transform(224, is_training=True, separate=True, use_prefetcher=True,
+                                            scale=tuple(args.scale), ratio=tuple(args.ratio),
+                                            interpolation='random', color_jitter=None)
+    sampler = data.NativeSizeCrop(crop_flip.transforms[0], 0.5, colour)
+    image = Image.new('RGB', (32, 32))
+    ours = []
+    with data.generators_kept():
+        for i in range(20000):
+            data.seed_sample(data.sample_seed(0, 0, i))
+            ours.append(sampler(image)[1])
+    ours = torch.stack(ours).double()
+    random.seed(1)
+    timms = torch.tensor([RandomResizedCropAndInterpolation.get_params(image, tuple(args.scale), tuple(args.ratio))
+                          for _ in range(20000)], dtype=torch.float64)
+    for name, of in (('area', lambda b: b[:, 2] * b[:, 3] / 1024), ('log aspect', lambda b: (b[:, 3] / b[:, 2]).log()),
+                     ('top', lambda b: b[:, 0]), ('left', lambda b: b[:, 1])):
+        a, b = of(ours[:, :4]), of(timms)
+        quantiles = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+        spread = b.std().item()
+        assert abs(a.mean() - b.mean()) < 0.03 * spread + 0.02, name
+        assert (a.quantile(quantiles) - b.quantile(quantiles)).abs().max() < 0.05 * spread + 0.5, name
+    assert abs(ours[:, 4].mean() - 0.5) < 0.02  # flips
+    assert set(ours[:, 5].tolist()) == {0.0, 1.0} and abs(ours[:, 5].mean() - 0.5) < 0.02  # random: bilinear, bicubic
+
+
+def test_device_resize_applies_where_it_should(capsys):
+    train, _ = loaders('--img-size', '64')
+    assert train.resize == (64, 64)                       # fake 32 px images, 64 px input: auto is on
+    assert loaders('--img-size', '32')[0].resize is None  # not smaller than the input
+    assert loaders('--img-size', '64', '--device-resize', 'off')[0].resize is None
+    with pytest.raises(data.UserError, match=r'--device-resize on: .*not smaller than the input size'):
+        loaders('--img-size', '32', '--device-resize', 'on')
+    with pytest.raises(data.UserError, match=r"--device-resize on: interpolation 'lanczos' has no device form"):
+        loaders('--img-size', '64', '--device-resize', 'on', '--train-interpolation', 'lanczos')

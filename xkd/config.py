@@ -169,8 +169,27 @@ def build_parser():
     group.add_argument('--log-interval', type=int, default=50, help='steps between progress lines')
     group.add_argument('--eval-interval', type=int, default=1, help='epochs between evaluations')
 
+    add_loader_arguments(parser)
     add_runtime_arguments(parser)
     return parser
+
+
+def add_loader_arguments(parser):
+    """The data-path flags of the reference train.py (and --device-resize, ours)."""
+    group = parser.add_argument_group('Data path')
+    group.add_argument('--no-prefetcher', action='store_true',
+                       help='make float batches on the host (normalised in the workers) instead of uint8 batches '
+                            'normalised on the device')
+    group.add_argument('--device-resize', default='auto', choices=('auto', 'on', 'off'),
+                       help='crop, resize and flip small images (CIFAR, digits, fake) on the device; auto: where '
+                            'the images are smaller than the input size')
+    group.add_argument('--aug-repeats', type=float, default=0,
+                       help='repeated augmentation: each image this many times per epoch, spread over processes '
+                            "(timm's RepeatAugSampler; 0: off)")
+    group.add_argument('--mixup-off-epoch', type=int, default=0, help='turn mixup/cutmix off from this epoch (0: never)')
+    group.add_argument('--cutmix-minmax', type=float, nargs=2, default=None,
+                       help='cutmix box ratio min and max (timm Mixup; replaces the cutmix alpha when set)')
+    return group
 
 
 def yaml_defaults(parser, path):
