@@ -304,3 +304,41 @@ def test_device_resize_applies_where_it_should(capsys):
         loaders('--img-size', '32', '--device-resize', 'on')
     with pytest.raises(data.UserError, match=r"--device-resize on: interpolation 'lanczos' has no device form"):
         loaders('--img-size', '64', '--device-resize', 'on', '--train-interpolation', 'lanczos')
+
+
+# ---------------------------------------------------------------- the reference's data flags
+
+def test_aug_repeats_repeats_each_image_with_its_own_augmentation_deterministically():
+    args = recipe_args(os.path.join(ROOT, 'configs/cifar/cnn.yaml'), '--img-size', '32', '--batch-size', '8',
+                       '--aug-repeats', '3', '--workers', '0')
+    transform, _ = data.create_transforms(args)
+    dataset = data.TransformedDataset(data.FakeDataset(48, 4), transform, with_index=True)
+
+    def epoch(rank, world_size, number):
+        loader = data.create_train_loader(dataset, args, rank, world_size)
+        loader.sampler.set_epoch(number)
+        return [(int(i), image) for images, _, indices in loader for image, i in zip(images, indices)]
+    one = epoch(0, 1, 0)
+    order = [i for i, _ in one]
+    assert len(order) == 48 and all(order.count(i) in (0, 3) for i in order)  # a third of the images, 3 times
+    assert order == [i for i, _ in epoch(0, 1, 0)] and order != [i for i, _ in epoch(0, 1, 1)]
+    first = [image for i, image in one if i == order[0]]
+    assert not torch.equal(first[0], first[1])  # the repeats are augmented apart
+    # Two processes take interleaved places of the same repeated order.
+    two = epoch(0, 2, 0), epoch(1, 2, 0)
+    assert [i for i, _ in two[0]] == order[0::2][:24] and [i for i, _ in two[1]] == order[1::2][:24]
+
+
+def test_mixup_off_epoch_and_cutmix_minmax_reach_timms_mixup(tmp_path, monkeypatch):
+    from timm.data import Mixup
+    calls = []
+    original = Mixup.__call__
+
+    def spy(self, images, targets):
+        calls.append((self.mixup_enabled, self.cutmix_minmax))
+        return original(self, images, targets)
+    monkeypatch.setattr(Mixup, '__call__', spy)
+    train.main(['--dataset', 'fake', '--fake-samples', '16', '--img-size', '32', '--batch-size', '8', '--workers',
+                '0', '--model', 'demo_resnet_student', '--epochs', '3', '--mixup-off-epoch', '2', '--cutmix-minmax',
+                '0.3', '0.7', '--output', str(tmp_path)])
+    assert calls == [(True, [0.3, 0.7])] * 4 + [(False, [0.3, 0.7])] * 2

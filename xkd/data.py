@@ -18,6 +18,7 @@ import timm
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
+from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import MaybePILToTensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, get_worker_info
@@ -357,14 +358,35 @@ class SeededSampler(Sampler):
         return len(self.sampler)
 
 
+class SeededRepeatAugSampler(RepeatAugSampler):
+    """timm's RepeatAugSampler (--aug-repeats: each image several times per epoch, spread over the processes,
+    the epoch as long as without), its permutation drawn from (seed, epoch) rather than the epoch alone."""
+
+    def __init__(self, dataset, num_replicas, rank, num_repeats, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, num_repeats=num_repeats)
+        self.seed = seed
+
+    def __iter__(self):
+        epoch = self.epoch
+        self.epoch = self.seed * 1_000_003 + epoch
+        try:
+            return super().__iter__()  # builds the whole list at once
+        finally:
+            self.epoch = epoch
+
+
 def create_train_loader(dataset, args, rank, world_size, pin_memory=False):
     """A loader whose order and augmentation depend only on (seed, epoch): call `sampler.set_epoch` each epoch.
 
     The sampler splits each epoch's permutation across ranks, so N processes with batch b see the same
     images, augmented alike, in the same steps as one process with batch N*b.
     """
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
+    if args.aug_repeats:
+        sampler = SeededRepeatAugSampler(dataset, num_replicas=world_size, rank=rank, num_repeats=args.aug_repeats,
+                                         seed=args.seed)
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
+                                     drop_last=True)
     if len(sampler) < args.batch_size:
         raise UserError(f'the training set has {len(dataset)} images, fewer than one batch of '
                         f'{args.batch_size} per process x {world_size} processes; lower --batch-size')
