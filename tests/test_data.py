@@ -347,10 +347,11 @@ def test_mixup_off_epoch_and_cutmix_minmax_reach_timms_mixup(tmp_path, monkeypat
 @pytest.mark.slow
 def test_demo_student_trains_to_the_same_accuracy_band_with_and_without_the_device_resize(tmp_path):
     """The embedded demo's student (digits, 8 px images at 32 px) with the resize on the device and on the host.
-    Measured on two shared CPU cores: 89.24 and 90.35 % top-1 (each run about 10 minutes there)."""
+    Measured on two shared CPU cores (about 1.5 minutes a run): last top-1 95.73 % both ways, best 97.03 % on
+    the device and 95.92 % on the host."""
     top1 = {}
     for mode in ('on', 'off'):
         result = train.main(['--config', os.path.join(ROOT, 'configs/demo/student.yaml'), '--distiller', 'vanilla',
                              '--teacher', '', '--device-resize', mode, '--output', str(tmp_path), '--experiment', mode])
         top1[mode] = result['last_top1']
-    assert min(top1.values()) > 80 and abs(top1['on'] - top1['off']) < 5, top1
+    assert min(top1.values()) > 90 and abs(top1['on'] - top1['off']) < 3, top1

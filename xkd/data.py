@@ -397,7 +397,7 @@ def create_train_loader(dataset, args, rank, world_size, pin_memory=False):
 
 def create_eval_loader(dataset, batch_size, workers, rank=0, world_size=1, pin_mem=False):
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
-                      num_workers=workers, pin_memory=pin_mem, drop_last=False)
+                      num_workers=workers, pin_memory=pin_mem, drop_last=False, persistent_workers=workers > 0)
 
 
 # ---------------------------------------------------------------- uint8 batches, float on the device
@@ -483,15 +483,14 @@ def resize_crop(images, boxes, size, clamp_to_box=True):
 
 
 def eval_boxes(config, height, width):
-    """The box in native pixels that timm's eval transform (resize the shorter side to size / crop_pct,
-    centre-crop `size`) maps onto the output, for a height x width image."""
+    """The window of a square native image that timm's eval transform (resize to input size / crop_pct,
+    centre-crop the input size) keeps, as a box in native pixels for `resize_crop(clamp_to_box=False)`."""
     out_height, out_width = config['input_size'][1:]
-    scale_size = math.floor(out_height / config['crop_pct'])
-    scale = scale_size / min(height, width)
-    resized = (round(height * scale), round(width * scale)) if height != width else (scale_size, scale_size)
-    top = int(round((resized[0] - out_height) / 2.0))
-    left = int(round((resized[1] - out_width) / 2.0))
-    fy, fx = height / resized[0], width / resized[1]
+    resized_height, resized_width = (math.floor(out_height / config['crop_pct']),
+                                     math.floor(out_width / config['crop_pct']))
+    top = int(round((resized_height - out_height) / 2.0))
+    left = int(round((resized_width - out_width) / 2.0))
+    fy, fx = height / resized_height, width / resized_width
     return [top * fy, left * fx, out_height * fy, out_width * fx, 0.0,
             float(DEVICE_INTERPOLATIONS.index(interpolation_names(config['interpolation'])[0]))]
 
