@@ -355,3 +355,33 @@ def test_demo_student_trains_to_the_same_accuracy_band_with_and_without_the_devi
                              '--teacher', '', '--device-resize', mode, '--output', str(tmp_path), '--experiment', mode])
         top1[mode] = result['last_top1']
     assert min(top1.values()) > 90 and abs(top1['on'] - top1['off']) < 3, top1
+
+
+# ---------------------------------------------------------------- dataset indices reach the distillers that ask
+
+class Recorder(torch.nn.Module):
+    """A distiller stand-in that records the keyword arguments of its forward."""
+
+    def __init__(self, needs_indices):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(3, 2))
+        self.needs_indices, self.calls = needs_indices, []
+
+    def forward(self, images, targets, epoch=0, **kwargs):
+        self.calls.append(kwargs)
+        logits = images.mean((2, 3)) @ self.weight
+        return logits, {'loss_gt': torch.nn.functional.cross_entropy(logits, targets)}
+
+
+@pytest.mark.parametrize('needs_indices', [True, False])
+def test_train_step_passes_indices_only_to_distillers_that_need_them(needs_indices):
+    from xkd import engine
+    from xkd.distributed import DistEnv
+    distiller = Recorder(needs_indices)
+    args = parse_args(['--dataset', 'fake'])
+    env = DistEnv()
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=0.1)
+    indices = torch.tensor([4, 7])
+    engine.train_step(distiller, distiller, torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), 0, optimizer, args, env,
+                      indices=indices)
+    assert distiller.calls == ([{'indices': indices}] if needs_indices else [{}])
