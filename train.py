@@ -51,8 +51,12 @@ def check_inputs(args, distiller_class):
                         f"in --output/--experiment when it has a last.pth.tar)")
 
 
+def mixup_active(args):
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
 def create_criterion(args):
-    mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    mixup = mixup_active(args)
     if args.bce_loss:
         # As the reference: mixup's targets already carry the smoothing; unlike it, BCE also without
         # mixup or smoothing (the reference falls back to cross-entropy there, silently).
@@ -113,16 +117,13 @@ def main(argv=None):
     if args.sync_bn and env.distributed:
         distiller.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
 
-    train_transform, val_transform = data.create_transforms(args)
-    train_loader = data.create_train_loader(data.TransformedDataset(train_set, train_transform), args,
-                                            env.rank, env.world_size)
-    val_loader = data.create_eval_loader(data.TransformedDataset(val_set, val_transform),
-                                         args.validation_batch_size or args.batch_size, args.workers,
-                                         env.rank, env.world_size, args.pin_mem)
+    if env.device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
+    train_loader, val_loader = data.create_loaders(args, train_set, val_set, env.device, env.rank, env.world_size)
     mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+    if mixup_active(args):
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=args.num_classes)
 
     optimizer = create_optimizer_v2(distiller, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,

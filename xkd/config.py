@@ -62,10 +62,14 @@ def add_data_arguments(parser):
     group.add_argument('--input-size', type=int, nargs=3, default=None, metavar='N',
                        help='input image size C H W (default: the student\'s)')
     group.add_argument('--img-size', type=int, default=None, help='input image size (square)')
-    group.add_argument('--crop-pct', type=float, default=None, help='eval centre-crop fraction')
-    group.add_argument('--mean', type=float, nargs=3, default=None, help='normalisation mean (default: dataset\'s)')
-    group.add_argument('--std', type=float, nargs=3, default=None, help='normalisation std (default: dataset\'s)')
-    group.add_argument('--interpolation', default='bilinear', help='resize interpolation for evaluation')
+    group.add_argument('--crop-pct', type=float, default=None,
+                       help='eval centre-crop fraction (default: the student\'s timm data configuration)')
+    group.add_argument('--mean', type=float, nargs=3, default=None,
+                       help='normalisation mean (default: CIFAR-100\'s for cifar100, else the model\'s or the set\'s)')
+    group.add_argument('--std', type=float, nargs=3, default=None,
+                       help='normalisation std (default: CIFAR-100\'s for cifar100, else the model\'s or the set\'s)')
+    group.add_argument('--interpolation', default=None,
+                       help='resize interpolation for evaluation (default: the student\'s)')
     group.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per process')
     group.add_argument('-vb', '--validation-batch-size', type=int, default=None,
                        help='evaluation batch size per process (default: --batch-size)')
@@ -178,7 +182,9 @@ def build_parser():
     group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
     group.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='random-resized-crop scale')
     group.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], help='random-resized-crop ratio')
-    group.add_argument('--train-interpolation', default='random')
+    group.add_argument('--train-interpolation', default='random',
+                       help="training interpolation: random (the reference's default), bilinear, bicubic; "
+                            "'' for the student's own")
     group.add_argument('--model-ema', action='store_true', help='keep an EMA of the student weights')
     group.add_argument('--model-ema-decay', type=float, nargs='+', default=[0.9998],
                        help='EMA decay; several values keep several EMAs, each evaluated, saved and resumed')
@@ -197,20 +203,28 @@ def build_parser():
     group.add_argument('--eval-interval', type=int, default=1, help='epochs between evaluations')
     group.add_argument('--log-wandb', action='store_true', help='also log to Weights & Biases (needs wandb)')
 
+    add_loader_arguments(parser)
     add_runtime_arguments(parser)
-    add_data_path_arguments(parser)
     add_reference_arguments(parser)
     return parser
 
 
-def add_data_path_arguments(parser):
-    """Data-path flags of the OFA-KD / RSD train.py (declared here as well as in the data-path work; keep one)."""
-    group = parser.add_argument_group('Data path (reference flags)')
-    group.add_argument('--no-prefetcher', action='store_true', help="the reference's switch for its CUDA prefetcher")
-    group.add_argument('--aug-repeats', type=float, default=0, help='repeated augmentation: copies of each image')
+def add_loader_arguments(parser):
+    """The data-path flags of the reference train.py (and --device-resize, ours)."""
+    group = parser.add_argument_group('Data path')
+    group.add_argument('--no-prefetcher', action='store_true',
+                       help='make float batches on the host (normalised in the workers) instead of uint8 batches '
+                            'normalised on the device')
+    group.add_argument('--device-resize', default='auto', choices=('auto', 'on', 'off'),
+                       help='crop, resize and flip small images (CIFAR, digits, fake) on the device; auto: where '
+                            'the images are smaller than the input size')
+    group.add_argument('--aug-repeats', type=float, default=0,
+                       help='repeated augmentation: each image this many times per epoch, spread over processes '
+                            "(timm's RepeatAugSampler; 0: off)")
     group.add_argument('--mixup-off-epoch', type=int, default=0, help='turn mixup/cutmix off from this epoch (0: never)')
-    group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
-                       help='cutmix box ratio min max; enables cutmix and overrides its alpha')
+    group.add_argument('--cutmix-minmax', type=float, nargs=2, default=None,
+                       help='cutmix box ratio min and max (timm Mixup; replaces the cutmix alpha when set)')
+    return group
 
 
 # Flags of the OFA-KD / RSD train.py that mean nothing here, each accepted at the reference's default so

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import dispatch_clip_grad
 
+from .data import DataLoadingError
 from .distributed import all_reduce_sum, check_replicas
 from .errors import UserError
 
@@ -34,14 +35,15 @@ def format_eta(seconds):
     return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
-def train_step(model, distiller, images, targets, epoch, optimizer, args, env, scaler=None):
+def train_step(model, distiller, images, targets, epoch, optimizer, args, env, scaler=None, indices=None):
     """Forward (under autocast with --amp), backward, clip, update. Returns the summed loss and its terms.
 
     `model` is what runs the forward (the distiller, possibly DDP-wrapped or compiled); `distiller` gives
-    the parameters to clip.
+    the parameters to clip. The images' dataset `indices` go to distillers that ask for them (CRD's memory).
     """
+    extra = {'indices': indices} if indices is not None and getattr(distiller, 'needs_indices', False) else {}
     with autocast_context(args, env.device):
-        _, losses = model(images, targets, epoch=epoch)
+        _, losses = model(images, targets, epoch=epoch, **extra)
     losses = {key: value.float() for key, value in losses.items()}
     loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
@@ -67,11 +69,13 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
     Returns the epoch's mean of each weighted loss term and of their sum, `loss`.
     """
     model.train()
+    if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        mixup_fn.mixup_enabled = False  # the targets stay smoothed one-hot, as the reference's
     steps = len(loader)
     sums, count = {}, 0
     interval_images, interval_start = 0, time.time()
     epoch_start = time.time()
-    for step, (images, targets) in enumerate(loader):
+    for step, (images, targets, indices) in enumerate(batches_or_stop(loader, epoch, last_checkpoint)):
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
         if mixup_fn is not None:
@@ -79,7 +83,7 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
-        loss, losses = train_step(model, distiller, images, targets, epoch, optimizer, args, env, scaler)
+        loss, losses = train_step(model, distiller, images, targets, epoch, optimizer, args, env, scaler, indices)
         if model_ema is not None:
             model_ema.update(distiller.student, step=epoch * steps + step)
 
@@ -113,11 +117,29 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
     return means
 
 
+def last_good(last_checkpoint):
+    return f"the last good checkpoint is '{last_checkpoint}'" if last_checkpoint else 'no checkpoint was written yet'
+
+
+def batches_or_stop(loader, epoch, last_checkpoint):
+    """The loader's batches; a sample that cannot be loaded stops the run, naming it and the last good checkpoint."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except DataLoadingError as e:
+            raise DataLoadingError(f'{e}; stopped in epoch {epoch}; {last_good(last_checkpoint)}. Fix that sample '
+                                   f'or the transform, then continue with --resume') from None
+        yield batch
+
+
 def check_finite(values, epoch, step, steps, last_checkpoint):
     if all(math.isfinite(v) for v in values.values()):
         return
     terms = ', '.join(f'{key}={value:.4g}' for key, value in values.items())
-    where = f"the last good checkpoint is '{last_checkpoint}'" if last_checkpoint else 'no checkpoint was written yet'
+    where = last_good(last_checkpoint)
     raise NonFiniteLossError(f'loss became non-finite by epoch {epoch} step {step + 1}/{steps} ({terms}); '
                              f'stopped instead of training on garbage; {where}. '
                              f'Lower --lr, set --clip-grad, or check the teacher weights')
