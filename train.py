@@ -92,6 +92,7 @@ def main(argv=None):
         distiller = distiller_class(student, teacher, create_criterion(args), args)
     except ValueError as e:
         raise UserError(f'--distiller {args.distiller}: {e}') from None
+    distiller.bind_train_data(train_set.targets)
     distiller.to(env.device)
     if teacher is not None:
         teacher.to(env.device, dtype=models.teacher_dtype(args))
@@ -103,8 +104,8 @@ def main(argv=None):
         distiller.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
 
     train_transform, val_transform = data.create_transforms(args)
-    train_loader = data.create_train_loader(data.TransformedDataset(train_set, train_transform), args,
-                                            env.rank, env.world_size)
+    train_loader = data.create_train_loader(data.TransformedDataset(train_set, train_transform, with_index=True),
+                                            args, env.rank, env.world_size)
     val_loader = data.create_eval_loader(data.TransformedDataset(val_set, val_transform),
                                          args.validation_batch_size or args.batch_size, args.workers,
                                          env.rank, env.world_size, args.pin_mem)

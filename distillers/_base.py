@@ -16,6 +16,9 @@ class Distiller(nn.Module):
 
     # Set by subclasses that need the teacher at all; `vanilla` does not.
     requires_teacher = True
+    # Set by subclasses whose forward takes `indices`, each sample's position in the training set (CRD's
+    # memory banks); the training loop passes them only then, so other methods keep the plain signature.
+    needs_indices = False
 
     def __init__(self, student, teacher, criterion, args):
         super().__init__()
@@ -34,6 +37,11 @@ class Distiller(nn.Module):
     @classmethod
     def check_args(cls, args):
         """Raise ValueError for flag values this method cannot use; called before any model is built."""
+
+    def bind_train_data(self, targets):
+        """Called by train.py with the training set's class labels (one per sample, in dataset order) before
+        the distiller is moved to the device. Methods that sample from the training set (CRD) size their
+        state here; the others ignore it."""
 
     def train(self, mode=True):
         super().train(mode)

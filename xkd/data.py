@@ -172,16 +172,20 @@ def dataset_num_classes(args, train_set):
 
 
 class TransformedDataset(Dataset):
-    def __init__(self, dataset, transform):
+    """`dataset` with `transform` applied; with `with_index` each item also carries its index (the training
+    loop passes it to distillers with `needs_indices`, CRD's memory banks)."""
+
+    def __init__(self, dataset, transform, with_index=False):
         self.dataset = dataset
         self.transform = transform
+        self.with_index = with_index
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
         image, target = self.dataset[i]
-        return self.transform(image), target
+        return (self.transform(image), target, i) if self.with_index else (self.transform(image), target)
 
 
 def data_config(args):

@@ -34,14 +34,15 @@ def format_eta(seconds):
     return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
-def train_step(model, distiller, images, targets, epoch, optimizer, args, env, scaler=None):
+def train_step(model, distiller, images, targets, epoch, optimizer, args, env, scaler=None, indices=None):
     """Forward (under autocast with --amp), backward, clip, update. Returns the summed loss and its terms.
 
     `model` is what runs the forward (the distiller, possibly DDP-wrapped or compiled); `distiller` gives
-    the parameters to clip.
+    the parameters to clip and tells whether its forward takes the samples' dataset `indices`.
     """
+    extra = {'indices': indices} if distiller.needs_indices else {}
     with autocast_context(args, env.device):
-        _, losses = model(images, targets, epoch=epoch)
+        _, losses = model(images, targets, epoch=epoch, **extra)
     losses = {key: value.float() for key, value in losses.items()}
     loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
@@ -71,15 +72,16 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
     sums, count = {}, 0
     interval_images, interval_start = 0, time.time()
     epoch_start = time.time()
-    for step, (images, targets) in enumerate(loader):
+    for step, (images, targets, indices) in enumerate(loader):
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
+        indices = indices.to(env.device, non_blocking=True)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
-        loss, losses = train_step(model, distiller, images, targets, epoch, optimizer, args, env, scaler)
+        loss, losses = train_step(model, distiller, images, targets, epoch, optimizer, args, env, scaler, indices)
         if model_ema is not None:
             model_ema.update(distiller.student, step=epoch * steps + step)
 
