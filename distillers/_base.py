@@ -110,6 +110,11 @@ def autograd_copy(tensor):
     return tensor.clone() if tensor.is_inference() and tensor.dtype == torch.float32 else tensor.float()
 
 
+def at_least_float32(tensor):
+    """`tensor` in float32, or in its own dtype when that is wider (float64 in the tests' reference values)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def hard_target(label):
     """Class indices from hard or soft (mixup/cutmix) labels: methods that need the target class use the argmax."""
     return label.argmax(dim=-1) if label.dim() > 1 else label

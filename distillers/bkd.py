@@ -5,7 +5,7 @@ probability of that class.
 """
 import torch.nn.functional as F
 
-from ._base import Distiller
+from ._base import Distiller, at_least_float32
 from .registry import register_distiller
 
 
@@ -17,7 +17,8 @@ def bkd_loss(logits_student, logits_teacher):
     The teacher's probabilities are targets (no gradient reaches the teacher side). No temperature, as in
     the reference.
     """
-    return F.binary_cross_entropy_with_logits(logits_student.float(), logits_teacher.float().softmax(dim=-1))
+    return F.binary_cross_entropy_with_logits(at_least_float32(logits_student),
+                                              at_least_float32(logits_teacher.detach()).softmax(dim=-1))
 
 
 @register_distiller

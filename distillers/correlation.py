@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from custom_forward import embedding_dim, forward_features
 
-from ._base import Distiller
+from ._base import Distiller, at_least_float32
 from .registry import register_distiller
 
 
@@ -21,7 +21,7 @@ def cc_loss(embedding_student, embedding_teacher):
     Consecutive samples of the batch only, as the reference computes it (not all pairs). Both inputs carry
     gradients: the teacher's embedding is fixed, but its Linear is trained. Needs B >= 2.
     """
-    delta = (embedding_student.float() - embedding_teacher.float()).abs()
+    delta = (at_least_float32(embedding_student) - at_least_float32(embedding_teacher)).abs()
     return (delta[:-1] * delta[1:]).sum(dim=1).mean()
 
 

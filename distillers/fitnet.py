@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from custom_forward import (feature_format, forward_features, map_to_tokens, num_prefix_tokens, stage_info,
                             strip_prefix_tokens, tokens_to_map)
 
-from ._base import Distiller
+from ._base import Distiller, at_least_float32
 from .registry import register_distiller
 
 # The RSD code base multiplies the summed hint losses by 0.1 on top of --fitnet-loss-weight; kept so that its
@@ -32,7 +32,7 @@ def fitnet_loss(student_aligned, teacher_feature):
     """mean over all elements of (aligner(F_s) - F_t)^2, F_t the teacher's stage feature without its prefix
     tokens (in the teacher's own layout, which the aligner's output has). The teacher feature is a target
     (no gradient)."""
-    return F.mse_loss(student_aligned.float(), teacher_feature.detach().float())
+    return F.mse_loss(at_least_float32(student_aligned), at_least_float32(teacher_feature.detach()))
 
 
 def _grid_and_channels(shape, feature_format_, num_prefix):

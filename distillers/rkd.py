@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from custom_forward import forward_features
 
-from ._base import Distiller
+from ._base import Distiller, at_least_float32
 from .correlation import check_batch_size
 from .registry import register_distiller
 
@@ -29,7 +29,8 @@ def _normalised_distances(features, squared, eps):
 
 
 def _triplet_cosines(features):
-    """cos of the angle at j between samples i and k, for every (i, j, k): [B * B * B]; 0 where two coincide."""
+    """cos of the angle at sample i between samples j and k, for every (i, j, k) in that order: [B * B * B];
+    0 where j or k coincides with i."""
     differences = F.normalize(features[None, :, :] - features[:, None, :], p=2, dim=2)
     return torch.bmm(differences, differences.transpose(1, 2)).flatten()
 
@@ -43,8 +44,7 @@ def rkd_loss(feature_student, feature_teacher, distance_weight, angle_weight, sq
     autocast (the distances are differences of large products). Needs B >= 2.
     """
     with torch.autocast(feature_student.device.type, enabled=False):
-        student = feature_student.flatten(1)
-        student = student.to(torch.promote_types(student.dtype, torch.float32))
+        student = at_least_float32(feature_student.flatten(1))
         with torch.no_grad():
             teacher = feature_teacher.flatten(1).to(student.dtype)
             teacher_distances = _normalised_distances(teacher, squared, eps)
