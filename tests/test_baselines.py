@@ -3,18 +3,21 @@ gradients where a side is detached, the FitNet aligners' shapes, parameter count
 and CRD's negative sampling, memory update and loss wiring."""
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
+import timm
 import torch
-import torch.nn as nn
+
+from custom_forward import feature_format, num_prefix_tokens, stage_info
 
 from distillers.bkd import bkd_loss
 from distillers.correlation import cc_loss
 from distillers.crd import ContrastMemory, crd_nce_loss
 from distillers.fitnet import Aligner, fitnet_loss
 from distillers.rkd import rkd_loss
-from helpers import build_distiller, create
+from helpers import ROOT, build_distiller, create
 
 
 def smooth_l1(difference):
@@ -311,6 +314,35 @@ def test_fitnet_loss_is_the_mean_square_and_leaves_the_teacher_alone():
     assert loss.item() == pytest.approx(expected / 96, rel=1e-12)
     loss.backward()
     assert teacher.grad is None and student.grad.abs().sum() > 0
+
+
+def experiment_pairs():
+    from xkd.yaml_file import load_yaml
+    table = load_yaml(os.path.join(ROOT, 'configs', 'experiments.yaml'), 'experiment table')
+    return sorted((student['model'], teacher['model']) for student in table['students'].values()
+                  for teacher in table['teachers'].values())
+
+
+def test_fitnet_builds_for_every_pair_of_the_experiment_table():
+    """Every teacher x student of configs/experiments.yaml at 224 px (models on the meta device: shapes only),
+    DeiT-T <- ConvNeXt-T included, where the reference fails."""
+    counts, models = {}, {}
+    for student_name, teacher_name in experiment_pairs():
+        with torch.device('meta'):
+            for name in (student_name, teacher_name):
+                models.setdefault(name, timm.create_model(name, num_classes=100))
+            student, teacher = models[student_name], models[teacher_name]
+            distiller = build_distiller('fitnet', student, teacher, num_classes=100, input_size=224)
+            for stage in (1, 2, 3, 4):
+                output = distiller.aligners[f'stage{stage}'](torch.empty(2, *stage_info(student, stage, 224)))
+                teacher_shape = stage_info(teacher, stage, 224)
+                if feature_format(teacher) == 'tokens':
+                    teacher_shape = (teacher_shape[0] - num_prefix_tokens(teacher), teacher_shape[1])
+                assert output.shape == (2, *teacher_shape), (student_name, teacher_name, stage)
+        counts[student_name, teacher_name] = sum(p.numel() for p in distiller.extra_parameters())
+    assert len(counts) == 20
+    assert counts['resnet18', 'swin_tiny_patch4_window7_224'] == 523_680
+    assert counts['deit_tiny_patch16_224', 'convnext_tiny'] == 1_109_376
 
 
 # --- the distillers ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ TEACHERS = {'swin_t': 'swin_tiny_patch4_window7_224', 'vit_s': 'vit_small_patch1
             'mixer_b16': 'mixer_b16_224', 'convnext_t': 'convnext_tiny'}
 STUDENTS = {'resnet18': 'resnet18', 'mobilenetv2': 'mobilenetv2_100', 'deit_t': 'deit_tiny_patch16_224',
             'swin_p': 'swin_pico_patch4_window7_224', 'resmlp_s12': 'resmlp_12_224'}
-METHODS = ('kd', 'ofa', 'rsd', 'hcd', 'dkd', 'dist')
+METHODS = ('kd', 'ofa', 'rsd', 'hcd', 'dkd', 'dist', 'fitnet', 'correlation', 'rkd', 'crd', 'bkd')
 CNN_STUDENTS = ('resnet18', 'mobilenetv2_100')
 # SPEC.md section 4: RSD paper tables 9-11.
 PUBLISHED = {'cifar100-ofa-swin_t-resnet18': 80.54, 'cifar100-rsd-swin_t-resnet18': 83.92,
@@ -50,7 +50,7 @@ def run_script(command, env=None):
 # ---------------------------------------------------------------- the table
 
 def test_every_teacher_student_and_method_is_one_named_cell(cells):
-    assert len(cells) == len(TEACHERS) * len(STUDENTS) * len(METHODS) == 120
+    assert len(cells) == len(TEACHERS) * len(STUDENTS) * len(METHODS) == 220
     expected = {f'cifar100-{method}-{teacher}-{student}': (TEACHERS[teacher], STUDENTS[student], method)
                 for teacher in TEACHERS for student in STUDENTS for method in METHODS}
     assert {name: (cell.teacher, cell.student, cell.method) for name, cell in cells.items()} == expected
