@@ -90,9 +90,9 @@ def main(argv=None):
     teacher = models.create_teacher(args) if distiller_class.requires_teacher else None
     try:
         distiller = distiller_class(student, teacher, create_criterion(args), args)
+        distiller.bind_train_data(train_set.targets)
     except ValueError as e:
         raise UserError(f'--distiller {args.distiller}: {e}') from None
-    distiller.bind_train_data(train_set.targets)
     distiller.to(env.device)
     if teacher is not None:
         teacher.to(env.device, dtype=models.teacher_dtype(args))

@@ -3,6 +3,7 @@ gradients where a side is detached, the FitNet aligners' shapes, parameter count
 and CRD's negative sampling, memory update and loss wiring."""
 import itertools
 import math
+import re
 import os
 
 import numpy as np
@@ -17,7 +18,7 @@ from distillers.correlation import cc_loss
 from distillers.crd import ContrastMemory, crd_nce_loss
 from distillers.fitnet import Aligner, fitnet_loss
 from distillers.rkd import rkd_loss
-from helpers import ROOT, build_distiller, create
+from helpers import ROOT, build_distiller, cli_error, create
 
 
 def smooth_l1(difference):
@@ -377,3 +378,34 @@ def test_distiller_terms_and_the_kd_loss_weight(pair, method, key, follows_kd_we
     for parameter in distiller.extra_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all()
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize('method', ['fitnet', 'correlation', 'rkd', 'crd', 'bkd'])
+def test_distiller_under_bfloat16_autocast_with_a_bfloat16_teacher(method):
+    student = create('demo_resnet_student', num_classes=10)
+    teacher = create('demo_vit_teacher', num_classes=10).to(torch.bfloat16)
+    distiller = build_distiller(method, student, teacher, crd_k=6)
+    distiller.bind_train_data([i % 10 for i in range(20)])
+    extra = {'indices': torch.arange(4)} if distiller.needs_indices else {}
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, losses = distiller(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), **extra)
+    assert all(value.dtype == torch.float32 and torch.isfinite(value) for value in losses.values()), losses
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in distiller.extra_parameters())
+    if method == 'crd':
+        assert distiller.memory.bank_student.dtype == torch.float32
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--distiller', 'rkd', '--batch-size', '1'], 'rkd compares the samples of a batch .* --batch-size >= 2'),
+    (['--distiller', 'correlation', '--batch-size', '1'], 'correlation compares the samples of a batch'),
+    (['--distiller', 'crd', '--crd-momentum', '1'], r'--crd-momentum must be in \[0, 1\), got 1.0'),
+    (['--distiller', 'fitnet', '--fitnet-stage', '0', '2'], '--fitnet-stage takes distinct stages among 1 2 3 4'),
+    (['--distiller', 'crd', '--num-classes', '1', '--fake-samples', '8'], 'crd draws its negatives from the other '
+                                                                          'classes; the training set has only one'),
+])
+def test_bad_flags_are_one_line_errors(capsys, tmp_path, flags, message):
+    err = cli_error(capsys, ['--dataset', 'fake', '--fake-samples', '16', '--img-size', '32', '--workers', '0',
+                             '--model', 'demo_resnet_student', '--teacher', 'demo_vit_teacher', '--batch-size', '4',
+                             '--epochs', '1', '--output', str(tmp_path)] + flags)
+    assert re.search(message, err), err
