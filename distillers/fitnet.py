@@ -112,7 +112,8 @@ class FitNet(Distiller):
         super().__init__(student, teacher, criterion, args)
         self.check_args(args)
         self.stages = list(args.fitnet_stage)
-        self.teacher_prefix = num_prefix_tokens(teacher)
+        # The teacher's prefix tokens are dropped from its token features (None for a map teacher).
+        self.teacher_prefix = num_prefix_tokens(teacher) if feature_format(teacher) == 'tokens' else None
         self.aligners = nn.ModuleDict({f'stage{stage}': build_aligner(student, teacher, stage, args.input_size)
                                        for stage in self.stages})
 
@@ -135,7 +136,7 @@ class FitNet(Distiller):
         loss_fitnet = 0.
         for stage in self.stages:
             teacher_feature = teacher_features[stage - 1]
-            if feature_format(self.teacher) == 'tokens':
+            if self.teacher_prefix is not None:
                 teacher_feature = strip_prefix_tokens(teacher_feature, self.teacher_prefix)
             aligned = self.aligners[f'stage{stage}'](student_features[stage - 1])
             loss_fitnet = loss_fitnet + fitnet_loss(aligned, teacher_feature)

@@ -409,3 +409,21 @@ def test_bad_flags_are_one_line_errors(capsys, tmp_path, flags, message):
                              '--model', 'demo_resnet_student', '--teacher', 'demo_vit_teacher', '--batch-size', '4',
                              '--epochs', '1', '--output', str(tmp_path)] + flags)
     assert re.search(message, err), err
+
+
+def test_fitnet_distiller_sums_the_stages_times_a_tenth_without_the_teachers_class_token():
+    from custom_forward import forward_features
+    student = create('demo_resnet_student', num_classes=10)
+    teacher = create('demo_vit_teacher', num_classes=10, patch_size=4)
+    distiller = build_distiller('fitnet', student, teacher, fitnet_loss_weight=2.0, fitnet_stage=[1, 3, 4])
+    images = torch.randn(3, 3, 32, 32)
+    _, losses = distiller(images, torch.tensor([0, 1, 2]))
+    with torch.no_grad():
+        student_features = forward_features(student, images)[1]
+        teacher_features = forward_features(teacher, images)[1]
+        expected = 0.
+        for stage in (1, 3, 4):
+            aligned = distiller.aligners[f'stage{stage}'](student_features[stage - 1]).double()
+            patches = teacher_features[stage - 1][:, 1:].double()  # the class token dropped
+            expected += ((aligned - patches) ** 2).sum().item() / aligned.numel()
+    assert losses['loss_fitnet'].item() == pytest.approx(0.1 * 2.0 * expected, rel=1e-5)
