@@ -120,7 +120,7 @@ def test_a_typo_in_the_table_fails_with_its_key(tmp_path):
 def test_experiments_lists_cells_and_prints_arguments(capsys):
     assert experiments.main(['--list']) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 120
+    assert len(lines) == 220
     assert lines[1].split() == ['cifar100-ofa-swin_t-resnet18', 'swin_tiny_patch4_window7_224', 'resnet18', 'ofa',
                                 '80.54']
     assert experiments.main(['cifar100-ofa-swin_t-resnet18', '--data', '/data/cifar']) == 0
@@ -143,7 +143,7 @@ def test_train_sh_lists_the_cells():
     result = run_script(['bash', 'train.sh', '--list'])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 120
+    assert len(lines) == 220
     rsd = next(line for line in lines if line.startswith('cifar100-rsd-convnext_t-resmlp_s12 '))
     assert rsd.split() == ['cifar100-rsd-convnext_t-resmlp_s12', 'convnext_tiny', 'resmlp_12_224', 'rsd', '84.21']
 
