@@ -105,6 +105,7 @@ def main(argv=None):
     teacher = models.create_teacher(args) if distiller_class.requires_teacher else None
     try:
         distiller = distiller_class(student, teacher, create_criterion(args), args)
+        distiller.bind_train_data(train_set.targets)
     except ValueError as e:
         raise UserError(f'--distiller {args.distiller}: {e}') from None
     distiller.to(env.device)

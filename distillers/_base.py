@@ -16,6 +16,9 @@ class Distiller(nn.Module):
 
     # Set by subclasses that need the teacher at all; `vanilla` does not.
     requires_teacher = True
+    # Set by subclasses whose forward takes `indices`, each sample's position in the training set (CRD's
+    # memory banks); the training loop passes them only then, so other methods keep the plain signature.
+    needs_indices = False
 
     def __init__(self, student, teacher, criterion, args):
         super().__init__()
@@ -34,6 +37,11 @@ class Distiller(nn.Module):
     @classmethod
     def check_args(cls, args):
         """Raise ValueError for flag values this method cannot use; called before any model is built."""
+
+    def bind_train_data(self, targets):
+        """Called by train.py with the training set's class labels (one per sample, in dataset order) before
+        the distiller is moved to the device. Methods that sample from the training set (CRD) size their
+        state here; the others ignore it."""
 
     def train(self, mode=True):
         super().train(mode)
@@ -100,6 +108,11 @@ def autograd_copy(tensor):
     is what makes them usable, and it costs one pass over the teacher's outputs.
     """
     return tensor.clone() if tensor.is_inference() and tensor.dtype == torch.float32 else tensor.float()
+
+
+def at_least_float32(tensor):
+    """`tensor` in float32, or in its own dtype when that is wider (float64 in the tests' reference values)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def hard_target(label):

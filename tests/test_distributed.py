@@ -122,3 +122,75 @@ def test_dist_bn_in_a_two_process_run(tmp_path, teacher_file):
     stats = [k for k in own if k.endswith('running_mean') or k.endswith('running_var')]
     assert stats and any(not torch.equal(reduced[k], own[k]) for k in stats)
     assert all(torch.equal(reduced[k], own[k]) for k in own if k not in stats and 'num_batches' not in k)
+
+
+# --- CRD's memory banks under DDP ------------------------------------------------------------------
+
+def crd_bank_steps(num_data=40, batch=16, steps=5, feat_dim=8):
+    """The same sequence of global batches (indices, student and teacher vectors, scores) for every caller."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(steps):
+        indices = torch.randperm(num_data, generator=generator)[:batch]
+        vectors = [torch.nn.functional.normalize(torch.randn(batch, feat_dim, generator=generator), dim=1)
+                   for _ in range(2)]
+        scores = [torch.rand(batch, 5, generator=generator) for _ in range(2)]
+        batches.append((indices, *vectors, *scores))
+    return batches
+
+
+def run_crd_memory(rank, world_size, port, out_dir):
+    """Bind a ContrastMemory and apply the batches; each of `world_size` processes takes its share of each."""
+    import torch.distributed as dist
+    from distillers.crd import ContrastMemory
+    if world_size > 1:
+        dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size)
+    memory = ContrastMemory(8)
+    memory.bind(torch.arange(40) % 7, seed=3)
+    for step, (indices, student, teacher, scores_student, scores_teacher) in enumerate(crd_bank_steps()):
+        share = slice(rank * 16 // world_size, (rank + 1) * 16 // world_size)
+        if step == 0:
+            memory.set_z(scores_student[share], scores_teacher[share])
+        memory.update(indices[share], student[share], teacher[share], momentum=0.5)
+    torch.save(memory.state_dict(), os.path.join(out_dir, f'memory-{world_size}-{rank}.pt'))
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def test_crd_banks_of_two_processes_equal_one_process_with_the_double_batch(tmp_path):
+    """Every process adds every process's samples to its banks, so all replicas hold the banks of one
+    process that saw the whole batch (the reference's ranks each wrote only their own samples)."""
+    import torch.multiprocessing as mp
+    mp.spawn(run_crd_memory, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    run_crd_memory(0, 1, None, str(tmp_path))
+    one = torch.load(tmp_path / 'memory-1-0.pt', weights_only=True)
+    for rank in range(2):
+        two = torch.load(tmp_path / f'memory-2-{rank}.pt', weights_only=True)
+        assert one.keys() == two.keys() and len(one) == 4
+        worst = max((one[key] - two[key]).abs().max().item() for key in one)
+        print(f'rank {rank}: largest difference of banks and Z, 2 processes vs 1: {worst:.2e}')
+        assert worst <= 1e-6
+
+
+def test_crd_run_of_two_processes_ends_with_the_banks_of_one_process(tmp_path, teacher_file):
+    """The same through train.py: loader indices, all-gather inside the DDP forward, checkpointed banks.
+    The learning rate is 0: the negatives are drawn per process, so any step would move the two runs'
+    weights apart; with fixed weights the banks depend only on the images and their indices."""
+    def crd_args(experiment, batch_size):
+        args = train_args(tmp_path, experiment, batch_size, teacher_file)
+        args[args.index('depth=2')] = 'depth=4'
+        args[args.index('kd')] = 'crd'
+        return args + ['--crd-k', '8', '--lr', '0', '--min-lr', '0', '--weight-decay', '0']
+    run_command([sys.executable] + crd_args('one', 16))
+    run_command([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}']
+                + crd_args('two', 8))
+    one = torch.load(tmp_path / 'one' / 'last.pth.tar', weights_only=True)['distiller']['memory']
+    two = torch.load(tmp_path / 'two' / 'last.pth.tar', weights_only=True)['distiller']['memory']
+    worst = max((one[key] - two[key]).abs().max().item() for key in ('bank_student', 'bank_teacher'))
+    print(f'train.py, largest bank difference, 2 processes vs 1: {worst:.2e}')
+    assert worst <= 1e-6
+    from distillers.crd import ContrastMemory
+    initial = ContrastMemory(128)
+    initial.bind(torch.arange(64) % 10, seed=42)  # --fake-samples 64, train.py's default seed
+    for key in ('bank_student', 'bank_teacher'):  # every sample was seen, so every row moved
+        assert (one[key] - getattr(initial, key)).abs().amax(dim=1).min() > 1e-3, key

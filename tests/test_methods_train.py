@@ -15,7 +15,8 @@ PAIRS = {
     'vit-student-cnn-teacher': ['--model', 'demo_vit_teacher', '--model-kwargs', 'depth=4', 'embed_dim=48',
                                 'patch_size=4', '--teacher', 'demo_resnet_student'],
 }
-METHOD_FLAGS = {'rsd': ['--rsd-stage', '-1', '2'], 'ofa': ['--ofa-stage', '2', '4', '--ofa-eps', '1', '1.2', '1.5']}
+METHOD_FLAGS = {'rsd': ['--rsd-stage', '-1', '2'], 'ofa': ['--ofa-stage', '2', '4', '--ofa-eps', '1', '1.2', '1.5'],
+                'crd': ['--crd-k', '64']}
 
 
 @pytest.mark.usefixtures('one_thread')

@@ -25,7 +25,7 @@ TEACHERS = {'swin_t': 'swin_tiny_patch4_window7_224', 'vit_s': 'vit_small_patch1
             'mixer_b16': 'mixer_b16_224', 'convnext_t': 'convnext_tiny'}
 STUDENTS = {'resnet18': 'resnet18', 'mobilenetv2': 'mobilenetv2_100', 'deit_t': 'deit_tiny_patch16_224',
             'swin_p': 'swin_pico_patch4_window7_224', 'resmlp_s12': 'resmlp_12_224'}
-METHODS = ('kd', 'ofa', 'rsd', 'hcd', 'dkd', 'dist')
+METHODS = ('kd', 'ofa', 'rsd', 'hcd', 'dkd', 'dist', 'fitnet', 'correlation', 'rkd', 'crd', 'bkd')
 CNN_STUDENTS = ('resnet18', 'mobilenetv2_100')
 # SPEC.md section 4: RSD paper tables 9-11.
 PUBLISHED = {'cifar100-ofa-swin_t-resnet18': 80.54, 'cifar100-rsd-swin_t-resnet18': 83.92,
@@ -50,7 +50,7 @@ def run_script(command, env=None):
 # ---------------------------------------------------------------- the table
 
 def test_every_teacher_student_and_method_is_one_named_cell(cells):
-    assert len(cells) == len(TEACHERS) * len(STUDENTS) * len(METHODS) == 120
+    assert len(cells) == len(TEACHERS) * len(STUDENTS) * len(METHODS) == 220
     expected = {f'cifar100-{method}-{teacher}-{student}': (TEACHERS[teacher], STUDENTS[student], method)
                 for teacher in TEACHERS for student in STUDENTS for method in METHODS}
     assert {name: (cell.teacher, cell.student, cell.method) for name, cell in cells.items()} == expected
@@ -120,7 +120,7 @@ def test_a_typo_in_the_table_fails_with_its_key(tmp_path):
 def test_experiments_lists_cells_and_prints_arguments(capsys):
     assert experiments.main(['--list']) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 120
+    assert len(lines) == 220
     assert lines[1].split() == ['cifar100-ofa-swin_t-resnet18', 'swin_tiny_patch4_window7_224', 'resnet18', 'ofa',
                                 '80.54']
     assert experiments.main(['cifar100-ofa-swin_t-resnet18', '--data', '/data/cifar']) == 0
@@ -143,7 +143,7 @@ def test_train_sh_lists_the_cells():
     result = run_script(['bash', 'train.sh', '--list'])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 120
+    assert len(lines) == 220
     rsd = next(line for line in lines if line.startswith('cifar100-rsd-convnext_t-resmlp_s12 '))
     assert rsd.split() == ['cifar100-rsd-convnext_t-resmlp_s12', 'convnext_tiny', 'resmlp_12_224', 'rsd', '84.21']
 

@@ -10,8 +10,10 @@ from helpers import summary_rows
 from xkd import checkpoint, engine
 from xkd.errors import UserError
 
-WITH_EXTRA_MODULES = [m for m in ('ofa', 'rsd', 'hcd') if m in distillers.distiller_names()]
-METHODS = ['vanilla', 'kd'] + [m for m in ('dkd', 'dist') if m in distillers.distiller_names()] + WITH_EXTRA_MODULES
+WITH_EXTRA_MODULES = [m for m in ('ofa', 'rsd', 'hcd', 'fitnet', 'correlation', 'crd')
+                      if m in distillers.distiller_names()]
+METHODS = (['vanilla', 'kd'] + [m for m in ('dkd', 'dist', 'rkd', 'bkd') if m in distillers.distiller_names()]
+           + WITH_EXTRA_MODULES)
 
 
 @pytest.fixture(scope='module')
@@ -27,7 +29,7 @@ def base_args(output, teacher_file, method):
             '--model', 'demo_resnet_student', '--teacher', 'demo_vit_teacher', '--teacher-kwargs', 'depth=4',
             '--teacher-pretrained', teacher_file, '--distiller', method, '--epochs', '3', '--warmup-epochs', '2',
             '--lr', '0.05', '--model-ema', '--model-ema-decay', '0.9', '--mixup', '0.2', '--log-interval', '2',
-            '--output', str(output)]
+            '--output', str(output)] + (['--crd-k', '64'] if method == 'crd' else [])
 
 
 def kill_at_epoch(monkeypatch, dead_epoch):

@@ -62,6 +62,25 @@ def all_reduce_sum(tensor, env):
     return tensor
 
 
+def all_gather_batches(tensor):
+    """Every process's `tensor` (same shape on each), concatenated along dim 0 in rank order; `tensor` itself
+    outside a process group. Called inside a forward, where the distiller has no DistEnv, so it reads the
+    process group directly. No gradient flows back through the gathered copies."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered)
+
+
+def all_reduce_mean(tensor):
+    """The mean of `tensor` over the processes (in place), `tensor` itself outside a process group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
 def check_replicas(module, env):
     """Raise if the ranks' copies of `module` differ: DDP keeps them equal, so a difference is a bug."""
     if not env.distributed:

@@ -78,6 +78,7 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
     for step, (images, targets, indices) in enumerate(batches_or_stop(loader, epoch, last_checkpoint)):
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
+        indices = indices.to(env.device, non_blocking=True)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         if args.channels_last:
