@@ -211,9 +211,20 @@ class GeneralAdapter(IntermediatesAdapter):
             probe = torch.zeros(1, *full_input_size(model, None),
                                 device=parameter.device if parameter is not None else None,
                                 dtype=parameter.dtype if parameter is not None else None)
-        with eval_mode(model), torch.no_grad():
-            final, levels = model.forward_intermediates(probe, **self._prefix_kwargs(model))
-            embedding = model.forward_head(final, pre_logits=True)
+        try:
+            with eval_mode(model), torch.no_grad():
+                final, levels = model.forward_intermediates(probe, **self._prefix_kwargs(model))
+                embedding = model.forward_head(final, pre_logits=True)
+        except (RuntimeError, AssertionError) as e:
+            if x is not None:
+                raise
+            # Models built for another image size than their pretrained_cfg names, that record it nowhere
+            # (timm's LeViT, EfficientFormer-V2), cannot run at the guessed size.
+            raise ValueError(
+                f"could not probe {type(model).__name__} at {tuple(probe.shape[1:])}, the input size its "
+                f"pretrained_cfg names ({type(e).__name__}: {str(e).splitlines()[0][:120]}); if it was built for "
+                "another size, set model.pretrained_cfg['input_size'] to it, or call "
+                "stage_info(model, 1, input_size) first") from None
         if not levels:
             raise UnsupportedModelError(f"{type(model).__name__}.forward_intermediates offers no feature levels")
         shapes = [tuple((level[0] if isinstance(level, tuple) else level).shape) for level in levels]
