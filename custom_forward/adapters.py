@@ -76,11 +76,11 @@ class IntermediatesAdapter(FeatureAdapter):
     def head(self, model: nn.Module, final: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Logits and embedding from the final features, both from the model's own `forward_head`.
 
-        The head runs twice (it is a pool, a norm and a linear layer) because the classifier applied to the
-        pre-logits is not always `model(x)`: distilled heads (DeiT, EfficientFormer, LeViT, PiT) average two
-        classifiers in eval mode, and some heads (MobileNetV3) apply dropout after the pre-logits. Logits come
-        first so that they draw the same random numbers as `model(x)`; with head dropout in train mode
-        the embedding has its own dropout mask.
+        The head runs twice (a pool, a norm or 1x1 conv and a linear layer: cheap next to the trunk) because
+        the classifier applied to the pre-logits is not always `model(x)`: distilled heads (DeiT,
+        EfficientFormer, LeViT, PiT) average two classifiers in eval mode, and some heads (MobileNetV3) apply
+        dropout after the pre-logits. Logits come first so that they draw the same random numbers as
+        `model(x)`; with head dropout in train mode the embedding has its own dropout mask.
         """
         logits = model.forward_head(final)
         return logits, model.forward_head(final, pre_logits=True)
@@ -139,6 +139,7 @@ class Layout(NamedTuple):
     tokens: bool               # the model works on tokens, so its stage features are given as tokens
     num_prefix_tokens: int     # class, distillation and register tokens leading each token stage
     embedding_dim: int
+    head_norms: List[str]      # modules with running statistics that the pre-logits part of the head runs
 
 
 class GeneralAdapter(IntermediatesAdapter):
@@ -153,7 +154,9 @@ class GeneralAdapter(IntermediatesAdapter):
       returns) are [B, L, D] or it declares timm's channels-last `output_fmt = 'NHWC'` (Swin); maps otherwise.
       Token stages of an isotropic model keep their prefix tokens (class, distillation, registers) first;
       hierarchical token stages are the patch tokens of timm's NCHW maps, row-major.
-    - Embedding and logits: from `forward_head` (see `IntermediatesAdapter.head`).
+    - Embedding and logits: from `forward_head` (see `IntermediatesAdapter.head`). Where the pre-logits
+      part of the head has batch norm (MobileNetV4's norm_head), the second head call in train mode leaves
+      its running statistics as the first call left them, so they are updated once per step, as by `model(x)`.
 
     Everything size-independent (levels, format, prefix count, embedding width) comes from one probe per
     model: a batch-1 forward of zeros in eval mode without gradients, cached while the model lives.
@@ -176,6 +179,18 @@ class GeneralAdapter(IntermediatesAdapter):
 
     def embedding_dim(self, model):
         return self.layout(model).embedding_dim
+
+    def head(self, model, final):
+        logits = model.forward_head(final)
+        if not model.training or not self.layout(model).head_norms:
+            return logits, model.forward_head(final, pre_logits=True)
+        statistics = [(buffer, buffer.clone()) for name in self.layout(model).head_norms
+                      for buffer in model.get_submodule(name).buffers()]
+        embedding = model.forward_head(final, pre_logits=True)
+        with torch.no_grad():
+            for buffer, value in statistics:
+                buffer.copy_(value)
+        return logits, embedding
 
     def stages(self, model, x):
         layout = self.layout(model, x)
@@ -211,9 +226,13 @@ class GeneralAdapter(IntermediatesAdapter):
             probe = torch.zeros(1, *full_input_size(model, None),
                                 device=parameter.device if parameter is not None else None,
                                 dtype=parameter.dtype if parameter is not None else None)
+        head_norms = []
+        hooks = [module.register_forward_hook(lambda *args, name=name: head_norms.append(name))
+                 for name, module in model.named_modules() if getattr(module, 'track_running_stats', False)]
         try:
             with eval_mode(model), torch.no_grad():
                 final, levels = model.forward_intermediates(probe, **self._prefix_kwargs(model))
+                head_norms.clear()
                 embedding = model.forward_head(final, pre_logits=True)
         except (RuntimeError, AssertionError) as e:
             if x is not None:
@@ -225,6 +244,9 @@ class GeneralAdapter(IntermediatesAdapter):
                 f"pretrained_cfg names ({type(e).__name__}: {str(e).splitlines()[0][:120]}); if it was built for "
                 "another size, set model.pretrained_cfg['input_size'] to it, or call "
                 "stage_info(model, 1, input_size) first") from None
+        finally:
+            for hook in hooks:
+                hook.remove()
         if not levels:
             raise UnsupportedModelError(f"{type(model).__name__}.forward_intermediates offers no feature levels")
         shapes = [tuple((level[0] if isinstance(level, tuple) else level).shape) for level in levels]
@@ -238,7 +260,8 @@ class GeneralAdapter(IntermediatesAdapter):
             level_indices = [0] * (5 - num_levels) + list(range(1, num_levels))
         tokens = final.dim() == 3 or getattr(model, 'output_fmt', None) == 'NHWC'
         prefix = levels[0][1].shape[1] if isinstance(levels[0], tuple) and tokens and isotropic else 0
-        return Layout(num_levels, isotropic, level_indices, tokens, prefix, embedding.shape[-1])
+        return Layout(num_levels, isotropic, level_indices, tokens, prefix, embedding.shape[-1],
+                      list(dict.fromkeys(head_norms)))
 
 
 def register_adapter(*model_classes: type):

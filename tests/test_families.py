@@ -3,6 +3,7 @@ features, logits equal to model(x), stage_info equal to the shapes returned; the
 what the generator makes of the same list; what the rule picks (last four levels, isotropic blocks, the
 first level repeated for three-stage models, prefix tokens from the probe); OFA training a step with new
 families on each side."""
+import copy
 import functools
 import os
 import sys
@@ -154,6 +155,18 @@ def test_head_dropout_after_the_pre_logits_is_kept_in_train_mode():
     torch.manual_seed(5)
     logits, _ = forward_features(model, x)
     torch.testing.assert_close(logits, expected)
+
+
+def test_batch_norm_in_the_head_is_updated_once_per_step_as_by_the_model():
+    # MobileNetV4's norm_head (here on a tiny MobileNetV3) runs in the pre-logits part of the head, which
+    # forward_features runs twice.
+    model = create('mobilenetv3_small_050', head_norm=True).train()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(forward_features(model, x)[0], reference(x))
+    for name in ('norm_head', 'blocks.0.0.bn1'):
+        for ours, theirs in zip(model.get_submodule(name).buffers(), reference.get_submodule(name).buffers()):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 class NoPreLogits(nn.Module):
