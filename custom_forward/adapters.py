@@ -135,11 +135,12 @@ class Layout(NamedTuple):
     """What the probe of `GeneralAdapter` found out about one model."""
     num_levels: int            # feature levels forward_intermediates offers
     isotropic: bool            # all levels of one shape (ViT, EVA, BEiT, Mixer) rather than stages
-    level_indices: List[int]   # 0-based levels used as stages 1..4 (a level may repeat, see below)
+    level_indices: List[int]   # 0-based levels used as stages 1..4 (the first may repeat)
     tokens: bool               # the model works on tokens, so its stage features are given as tokens
     num_prefix_tokens: int     # class, distillation and register tokens leading each token stage
     embedding_dim: int
     head_norms: List[str]      # modules with running statistics that the pre-logits part of the head runs
+    intermediates_kwargs: Dict  # for forward_intermediates: prefix tokens returned where the model has them
 
 
 class GeneralAdapter(IntermediatesAdapter):
@@ -195,15 +196,9 @@ class GeneralAdapter(IntermediatesAdapter):
     def stages(self, model, x):
         layout = self.layout(model, x)
         wanted = sorted(set(layout.level_indices))
-        final, levels = model.forward_intermediates(x, indices=wanted, **self._prefix_kwargs(model))
+        final, levels = model.forward_intermediates(x, indices=wanted, **layout.intermediates_kwargs)
         features = dict(zip(wanted, (self._as_feature(level, layout.tokens) for level in levels)))
         return final, [features[index] for index in layout.level_indices]
-
-    @staticmethod
-    def _prefix_kwargs(model):
-        # Models with prefix tokens (ViT, EVA, BEiT) drop them from the levels unless asked to return them.
-        accepts = 'return_prefix_tokens' in inspect.signature(model.forward_intermediates).parameters
-        return {'return_prefix_tokens': True} if accepts else {}
 
     @staticmethod
     def _as_feature(level: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], tokens: bool) -> torch.Tensor:
@@ -226,12 +221,15 @@ class GeneralAdapter(IntermediatesAdapter):
             probe = torch.zeros(1, *full_input_size(model, None),
                                 device=parameter.device if parameter is not None else None,
                                 dtype=parameter.dtype if parameter is not None else None)
+        # Models with prefix tokens (ViT, EVA, BEiT) drop them from the levels unless asked to return them.
+        accepts_prefix = 'return_prefix_tokens' in inspect.signature(model.forward_intermediates).parameters
+        intermediates_kwargs = {'return_prefix_tokens': True} if accepts_prefix else {}
         head_norms = []
         hooks = [module.register_forward_hook(lambda *args, name=name: head_norms.append(name))
                  for name, module in model.named_modules() if getattr(module, 'track_running_stats', False)]
         try:
             with eval_mode(model), torch.no_grad():
-                final, levels = model.forward_intermediates(probe, **self._prefix_kwargs(model))
+                final, levels = model.forward_intermediates(probe, **intermediates_kwargs)
                 head_norms.clear()
                 embedding = model.forward_head(final, pre_logits=True)
         except (RuntimeError, AssertionError) as e:
@@ -261,7 +259,7 @@ class GeneralAdapter(IntermediatesAdapter):
         tokens = final.dim() == 3 or getattr(model, 'output_fmt', None) == 'NHWC'
         prefix = levels[0][1].shape[1] if isinstance(levels[0], tuple) and tokens and isotropic else 0
         return Layout(num_levels, isotropic, level_indices, tokens, prefix, embedding.shape[-1],
-                      list(dict.fromkeys(head_norms)))
+                      list(dict.fromkeys(head_norms)), intermediates_kwargs)
 
 
 def register_adapter(*model_classes: type):

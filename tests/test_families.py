@@ -230,3 +230,15 @@ def test_ofa_trains_a_step_with_new_families(student, student_kwargs, teacher, t
         assert any(not torch.equal(p, before[f'branches.{stage}.{name}']) for name, p in branch.named_parameters())
     assert any(not torch.equal(p, before[f'student.{name}']) for name, p in student.named_parameters())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize('method', ['rsd', 'hcd'])
+def test_rsd_and_hcd_build_and_step_for_a_three_stage_student_of_an_eva_teacher(method):
+    torch.manual_seed(0)
+    student = create_model('levit_128s', 10, (3, 64, 64), depth=(1, 1, 1))
+    teacher = create_model('eva02_tiny_patch14_224', 10, (3, 64, 64), depth=4)
+    distiller = build_distiller(method, student, teacher, num_classes=10, input_size=64).train()
+    logits, losses = distiller(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))
+    assert all(torch.isfinite(value) for value in losses.values())
+    sum(losses.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
