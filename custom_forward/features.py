@@ -5,7 +5,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .adapters import get_adapter
+from .adapters import eval_mode, full_input_size, get_adapter
 
 InputSize = Union[int, Sequence[int]]
 
@@ -28,7 +28,7 @@ def forward_features(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, L
 
 def feature_format(model: nn.Module) -> str:
     """'map' if the stage features are [B, C, H, W], 'tokens' if they are [B, L, D]."""
-    return get_adapter(model).format
+    return get_adapter(model).feature_format(model)
 
 
 def num_prefix_tokens(model: nn.Module) -> int:
@@ -50,30 +50,8 @@ def stage_info(model: nn.Module, k: int, input_size: Optional[InputSize] = None)
     """
     if k not in (1, 2, 3, 4, -1):
         raise ValueError(f"stage k must be 1, 2, 3, 4 or -1 (the embedding), got {k}")
-    shapes = _feature_shapes(model, _full_input_size(model, input_size))
+    shapes = _feature_shapes(model, full_input_size(model, input_size))
     return shapes[k - 1] if k > 0 else shapes[-1]
-
-
-def _full_input_size(model: nn.Module, input_size: Optional[InputSize]) -> Tuple[int, int, int]:
-    if input_size is None:
-        input_size = get_adapter(model).image_size(model)
-    if isinstance(input_size, int):
-        input_size = (input_size, input_size)
-    if len(input_size) == 2:
-        input_size = (_input_channels(model), *input_size)
-    return tuple(int(size) for size in input_size)
-
-
-def _input_channels(model: nn.Module) -> int:
-    # The first conv knows the channel count even when the model was built with another in_chans than
-    # its pretrained_cfg's input_size says.
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    first_conv = cfg.get('first_conv')
-    if isinstance(first_conv, str):
-        return model.get_submodule(first_conv).in_channels
-    if 'input_size' in cfg:
-        return cfg['input_size'][0]
-    raise ValueError(f"cannot tell the input channels of {type(model).__name__}; pass input_size=(C, H, W)")
 
 
 def _feature_shapes(model: nn.Module, input_size: Tuple[int, int, int]) -> List[Tuple[int, ...]]:
@@ -84,18 +62,10 @@ def _feature_shapes(model: nn.Module, input_size: Tuple[int, int, int]) -> List[
 
 
 def _probe_feature_shapes(model: nn.Module, input_size: Tuple[int, int, int]) -> List[Tuple[int, ...]]:
-    # Eval mode so that batch norm neither fails on batch 1 nor updates its running statistics. Each
-    # module's flag is restored as it was: a model may deliberately hold some submodules in eval mode.
-    modes = [(module, module.training) for module in model.modules()]
     parameter = next(model.parameters(), None)
     x = torch.zeros(1, *input_size,
                     device=parameter.device if parameter is not None else None,
                     dtype=parameter.dtype if parameter is not None else None)
-    model.eval()
-    try:
-        with torch.no_grad():
-            _, feats = forward_features(model, x)
-    finally:
-        for module, training in modes:
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        _, feats = forward_features(model, x)
     return [tuple(feature.shape[1:]) for feature in feats]

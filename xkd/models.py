@@ -48,6 +48,9 @@ def create_model(name, num_classes, input_size, pretrained=False, pretrained_pat
     try:
         try:
             model = timm.create_model(name, img_size=size, **kwargs)
+            # timm keeps the pretrained_cfg's size; some models (LeViT, EfficientFormer-V2, VOLO) record
+            # the size they were built for nowhere else, and custom_forward probes them at that size.
+            model.pretrained_cfg = dict(model.pretrained_cfg, input_size=tuple(input_size))
         except TypeError as e:
             if 'img_size' not in str(e):
                 raise
