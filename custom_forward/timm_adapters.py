@@ -1,4 +1,4 @@
-"""Adapters for the timm families of SPEC.md 2.1, all built on timm's `forward_intermediates`.
+"""Adapters for the timm families of docs/features.md, all built on timm's `forward_intermediates`.
 
 | family | stages 1..4 | embedding |
 |---|---|---|
