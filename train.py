@@ -25,6 +25,7 @@ from xkd import checkpoint, data, distributed, engine, models
 from xkd.config import check_args, parse_args, run_arguments
 from xkd.ema import StudentEmas
 from xkd.errors import UserError
+from xkd.hardware import warn_if_bfloat16_emulated
 from xkd.logger import RunRecorder, setup_logging
 from xkd.run import output_folder, resolve_amp_dtype, resolve_input_size, run_cli, seed_everything
 
@@ -97,6 +98,7 @@ def main(argv=None):
     resume_path = checkpoint.resolve_resume(args.resume, args.output_dir)
     _logger.info(f'Run folder {args.output_dir}; {env.world_size} process(es) on {env.device.type}, '
                  f'batch {args.batch_size} per process ({args.batch_size * env.world_size} in all)')
+    warn_if_bfloat16_emulated(args, env.device)
     seed_everything(args.seed + env.rank)
 
     student = models.create_model(args.model, args.num_classes, args.input_size, pretrained=args.pretrained,

@@ -1,4 +1,4 @@
-"""Feature extraction for distillation (SPEC.md 2.1): logits, four stage features and the pooled
+"""Feature extraction for distillation (docs/features.md): logits, four stage features and the pooled
 pre-logits embedding of any supported model from one forward pass.
 
     from custom_forward import forward_features, stage_info

@@ -1,4 +1,4 @@
-"""The feature contract of SPEC.md 2.1: logits, four stage features and the embedding from one pass."""
+"""The feature contract of docs/features.md: logits, four stage features and the embedding from one pass."""
 import weakref
 from typing import List, Optional, Sequence, Tuple, Union
 

@@ -1,6 +1,6 @@
-"""The explicit adapters: the timm families whose SPEC.md 2.1 features the general rule does not give.
+"""The explicit adapters: the timm families whose docs/features.md features the general rule does not give.
 
-Every other timm model goes through `GeneralAdapter` (adapters.py); for the families of the SPEC table it
+Every other timm model goes through `GeneralAdapter` (adapters.py); for the families of the docs/features.md table it
 gives exactly the table's features:
 
 | family | stages 1..4 by the general rule | embedding |
@@ -13,7 +13,7 @@ gives exactly the table's features:
 
 One family keeps an adapter of its own:
 
-- EfficientNet (MobileNetV2, EfficientNet, MNASNet, ...): SPEC's stage 4 is the 1280-channel map after
+- EfficientNet (MobileNetV2, EfficientNet, MNASNet, ...): the documented stage 4 is the 1280-channel map after
   conv_head, which forward_intermediates does not offer as a level (its last level is the 320-channel
   output of the last block), but returns as the final features.
 """

@@ -1,4 +1,4 @@
-"""The small models of the embedded demo (SPEC.md 5): scikit-learn's 8x8 digits upsampled to 32x32,
+"""The small models of the embedded demo (README.md, "The embedded demo"): scikit-learn's 8x8 digits upsampled to 32x32,
 10 classes, trained from scratch on two CPU cores in about a minute.
 
 The mean and std are those of the digit pixels scaled to [0, 1] (value / 16) and bilinearly upsampled,

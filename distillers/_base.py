@@ -1,4 +1,4 @@
-"""The distiller contract (SPEC.md 2.2).
+"""The distiller contract (docs/README.md, "What every method shares").
 
 A distiller is an `nn.Module` that owns the student and its extra modules (projectors, branches).
 The frozen teacher is held outside the module tree on purpose: it is not part of `state_dict()`,

@@ -1,4 +1,4 @@
-"""Huang et al., NeurIPS 2022: Knowledge Distillation from A Stronger Teacher (DIST), SPEC.md section 3.
+"""Huang et al., NeurIPS 2022: Knowledge Distillation from A Stronger Teacher (DIST); docs/methods/dist.md.
 
 Instead of matching probabilities exactly (KL), DIST matches their relations: the Pearson correlation
 of student and teacher predictions per sample (inter-class) and per class over the batch (intra-class).

@@ -1,4 +1,4 @@
-"""Zhao et al., CVPR 2022: Decoupled Knowledge Distillation (DKD), SPEC.md section 3.
+"""Zhao et al., CVPR 2022: Decoupled Knowledge Distillation (DKD); docs/methods/dkd.md.
 
 KD's KL splits into a target-class term (TCKD: the binary target / non-target split) and a
 non-target term (NCKD: the distribution over the other classes), weighted separately by alpha and beta.

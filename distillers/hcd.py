@@ -1,4 +1,4 @@
-"""Xu et al.: Heterogeneous Complementary Distillation (HCD), SPEC.md section 3.
+"""Xu et al.: Heterogeneous Complementary Distillation (HCD); docs/methods/hcd.md.
 
 Only the abstract is public. Each chosen student stage is projected to a vector u_k; the Complementary
 Feature Mapper (CFM) reads u_k beside the teacher's pooled embedding t and gives n*K shared logits, split

@@ -1,4 +1,4 @@
-"""Hao et al., NeurIPS 2023: One-for-All knowledge distillation (OFA), SPEC.md section 3.
+"""Hao et al., NeurIPS 2023: One-for-All knowledge distillation (OFA); docs/methods/ofa.md.
 
 Intermediate student features are not matched to teacher features (their spaces differ across
 architectures); instead each chosen student stage gets a branch h_k that predicts logits, and every set

@@ -1,4 +1,4 @@
-"""Zhang et al., ICCV 2025: Representation Similarity Distillation (RSD), SPEC.md section 3.
+"""Zhang et al., ICCV 2025: Redundancy Suppression Distillation (RSD); docs/methods/rsd.md.
 
 The student's feature goes through a decoupling projector (the paper's AAD module) and is matched to
 the teacher's feature through the cross-correlation matrix of the two, standardised over the batch:

@@ -9,11 +9,14 @@
    students' curves and a CKA map of the teacher's stages against the RSD student's.
 
 The student sees fewer images than the teacher did, which is the setting where a teacher has most to give.
+One seed on 539 test images moves by about a point: `--seeds N` trains every student with N seeds (the
+teacher once) and the table gives mean ± standard deviation per method.
 """
 import argparse
 import csv
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -66,17 +69,18 @@ def export_teacher(run_dir, path):
     torch.save(checkpoint['state_dict'], path)
 
 
-def draw_pictures(output, methods, teacher_file):
-    """The students' curves on one figure, and a CKA map of the teacher against the RSD (or last) student."""
-    run_dirs = [os.path.join(output, f'student-{method}') for method in methods]
+def draw_pictures(output, run_dirs, teacher_file):
+    """The students' curves on one figure, and a CKA map of the teacher against the RSD (or last) student.
+
+    `run_dirs` maps each method to one of its run folders (the first seed's)."""
     curves = os.path.join(output, 'curves.png')
-    subprocess.check_call([sys.executable, os.path.join(ROOT, 'tools', 'plot_runs.py'), *run_dirs, '-o', curves,
-                           '--title', 'Demo students on the digits'], cwd=ROOT, stdout=subprocess.DEVNULL)
-    cka_student = 'rsd' if 'rsd' in methods else methods[-1]
+    subprocess.check_call([sys.executable, os.path.join(ROOT, 'tools', 'plot_runs.py'), *run_dirs.values(), '-o',
+                           curves, '--title', 'Demo students on the digits'], cwd=ROOT, stdout=subprocess.DEVNULL)
+    cka_student = 'rsd' if 'rsd' in run_dirs else list(run_dirs)[-1]
     subprocess.check_call([sys.executable, os.path.join(ROOT, 'tools', 'cka.py'), '--dataset', 'digits',
                            '--img-size', '32', '--workers', '0', '--samples', '539',
                            '--model', 'demo_resnet_student',
-                           '--checkpoint', os.path.join(output, f'student-{cka_student}', 'last.pth.tar'),
+                           '--checkpoint', os.path.join(run_dirs[cka_student], 'last.pth.tar'),
                            '--teacher', 'demo_vit_teacher', '--teacher-pretrained', teacher_file,
                            '--output', output], cwd=ROOT, stdout=subprocess.DEVNULL)
     cka = os.path.join(output, 'cka-demo_resnet_student-vs-demo_vit_teacher.png')
@@ -84,13 +88,35 @@ def draw_pictures(output, methods, teacher_file):
             f'CKA map, teacher stages against the {cka_student} student\'s: {os.path.relpath(cka, ROOT)} (and .csv)']
 
 
-def main():
+def mean_std(values):
+    """'mean ± sample std' of several runs; the value itself for one run."""
+    if len(values) == 1:
+        return f'{values[0]:.2f}'
+    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
+
+
+def print_table(header, lines):
+    widths = [max(len(line[i]) for line in [header] + lines) for i in range(len(header))]
+    for i, line in enumerate([header] + lines):
+        print('| ' + ' | '.join(cell.ljust(width) for cell, width in zip(line, widths)) + ' |')
+        if i == 0:
+            print('|' + '|'.join('-' * (width + 2) for width in widths) + '|')
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--output', default='output/demo', help='parent folder of the demo runs')
     parser.add_argument('--methods', nargs='+', default=None, help='distillers to run (default: all that apply)')
+    parser.add_argument('--seeds', type=int, default=1,
+                        help='seeds per student (--seed 42, 43, ...); with more than one the table gives mean ± std')
+    parser.add_argument('--epochs', type=int, default=None,
+                        help="epochs of every run instead of the configs' (a quick check; the figures change)")
     parser.add_argument('--reuse-teacher', action='store_true',
                         help=f'use {TEACHER_FILE} if it exists instead of training the teacher again')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        sys.exit(f'demo: --seeds must be at least 1, got {args.seeds}')
+    epochs = ['--epochs', str(args.epochs)] if args.epochs else []
 
     known = distillers.distiller_names()
     methods = args.methods or [m for m in METHOD_ORDER if m in known]
@@ -110,35 +136,44 @@ def main():
     else:
         print('teacher: training demo_vit_teacher on the digits ...', flush=True)
         shutil.rmtree(teacher_dir, ignore_errors=True)
-        seconds = run_train(['--config', TEACHER_CONFIG, '--output', output, '--experiment', 'teacher'],
+        seconds = run_train(['--config', TEACHER_CONFIG, '--output', output, '--experiment', 'teacher'] + epochs,
                             os.path.join(output, 'teacher.out'))
         export_teacher(teacher_dir, teacher_file)
     last, best = read_summary(teacher_dir)
-    rows.append(('teacher (ViT, all 1258 train images)', '-', last, best, seconds, teacher_dir))
+    rows.append(('teacher (ViT, all 1258 train images)', '-', [last], [best], [seconds], teacher_dir))
     print(f'teacher: top-1 {last:.2f} in {seconds:.0f} s, saved to {TEACHER_FILE}', flush=True)
 
+    seeds = [42 + i for i in range(args.seeds)]
+    first_runs = {}
     for method in methods:
-        run_dir = os.path.join(output, f'student-{method}')
-        shutil.rmtree(run_dir, ignore_errors=True)
-        print(f'student: {method} ...', flush=True)
-        argv = ['--config', STUDENT_CONFIG, '--distiller', method, '--teacher-pretrained', teacher_file,
-                '--output', output, '--experiment', f'student-{method}'] + METHOD_FLAGS.get(method, [])
-        seconds = run_train(argv, os.path.join(output, f'student-{method}.out'))
-        last, best = read_summary(run_dir)
-        rows.append(('student (CNN, 300 train images)', method, last, best, seconds, run_dir))
-        print(f'student: {method} top-1 {last:.2f} in {seconds:.0f} s', flush=True)
+        results = []
+        for seed in seeds:
+            # One seed keeps the folder names of a plain demo run; several get a suffix each.
+            experiment = f'student-{method}' + (f'-seed{seed}' if args.seeds > 1 else '')
+            run_dir = os.path.join(output, experiment)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            label = method + (f' seed {seed}' if args.seeds > 1 else '')
+            print(f'student: {label} ...', flush=True)
+            argv = ['--config', STUDENT_CONFIG, '--distiller', method, '--teacher-pretrained', teacher_file,
+                    '--output', output, '--experiment', experiment, '--seed', str(seed)] \
+                + METHOD_FLAGS.get(method, []) + epochs
+            seconds = run_train(argv, os.path.join(output, f'{experiment}.out'))
+            last, best = read_summary(run_dir)
+            results.append((last, best, seconds, run_dir))
+            print(f'student: {label} top-1 {last:.2f} in {seconds:.0f} s', flush=True)
+        lasts, bests, times, run_dirs = (list(column) for column in zip(*results))
+        first_runs[method] = run_dirs[0]
+        folder = run_dirs[0] if args.seeds == 1 else os.path.join(output, f'student-{method}-seed*')
+        rows.append(('student (CNN, 300 train images)', method, lasts, bests, times, folder))
 
-    pictures = draw_pictures(output, methods, teacher_file)
+    pictures = draw_pictures(output, first_runs, teacher_file)
 
     print()
-    header = ('run', 'distiller', 'test top-1', 'best top-1', 'wall time', 'run folder')
-    lines = [header] + [(run, method, f'{last:.2f}', f'{best:.2f}', f'{seconds:.0f} s', os.path.relpath(folder, ROOT))
-                        for run, method, last, best, seconds, folder in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for i, line in enumerate(lines):
-        print('| ' + ' | '.join(cell.ljust(width) for cell, width in zip(line, widths)) + ' |')
-        if i == 0:
-            print('|' + '|'.join('-' * (width + 2) for width in widths) + '|')
+    seeds_note = '' if args.seeds == 1 else f', mean ± std over seeds {seeds[0]}..{seeds[-1]}'
+    header = ('run', 'distiller', 'seeds', f'test top-1{seeds_note}', 'best top-1', 'wall time per run', 'run folder')
+    print_table(header, [(run, method, str(len(lasts)), mean_std(lasts), mean_std(bests),
+                          f'{statistics.mean(times):.0f} s', os.path.relpath(folder, ROOT))
+                         for run, method, lasts, bests, times, folder in rows])
     print(f'\nDigits test set: 539 images. Total time {time.time() - demo_start:.0f} s. '
           f'Run folders (args.yaml, summary.csv, log.txt, checkpoints, TensorBoard) under {os.path.relpath(output, ROOT)}/')
     for picture in pictures:
