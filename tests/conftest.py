@@ -52,6 +52,16 @@ def write_image_folder(root, classes=3, per_class=4, size=20, seed=0):
     return root
 
 
+@pytest.fixture(scope='module')
+def teacher_file(tmp_path_factory):
+    """A small ViT teacher's weights (demo_vit_teacher, depth 4), written once per test module."""
+    import timm
+    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
+    torch.manual_seed(0)
+    torch.save(timm.create_model('demo_vit_teacher', num_classes=10, depth=4).state_dict(), path)
+    return str(path)
+
+
 @pytest.fixture(scope='session')
 def cifar_dir(tmp_path_factory):
     return write_cifar100(str(tmp_path_factory.mktemp('cifar100')))

@@ -237,14 +237,6 @@ def test_reference_flag_without_meaning_here_is_accepted_only_at_its_default(cap
     assert "--tta 2: this flag of the OFA-KD / RSD train.py is accepted only at its default (0)" in err
 
 
-@pytest.fixture(scope='module')
-def teacher_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
-    torch.manual_seed(0)
-    torch.save(timm.create_model('demo_vit_teacher', num_classes=10, depth=4).state_dict(), path)
-    return str(path)
-
-
 def test_the_reference_args_yaml_trains(tmp_path, teacher_file, caplog):
     config = tmp_path / 'args.yaml'
     config.write_text(REFERENCE_ARGS_YAML)

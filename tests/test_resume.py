@@ -1,7 +1,6 @@
 """A run killed and resumed ends exactly where an uninterrupted run ends; checkpoints survive a kill mid-save."""
 
 import pytest
-import timm
 import torch
 
 import distillers
@@ -14,14 +13,6 @@ WITH_EXTRA_MODULES = [m for m in ('ofa', 'rsd', 'hcd', 'fitnet', 'correlation', 
                       if m in distillers.distiller_names()]
 METHODS = (['vanilla', 'kd'] + [m for m in ('dkd', 'dist', 'rkd', 'bkd') if m in distillers.distiller_names()]
            + WITH_EXTRA_MODULES)
-
-
-@pytest.fixture(scope='module')
-def teacher_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
-    torch.manual_seed(0)
-    torch.save(timm.create_model('demo_vit_teacher', num_classes=10, depth=4).state_dict(), path)
-    return str(path)
 
 
 def base_args(output, teacher_file, method):
