@@ -11,8 +11,9 @@ from xkd.errors import UserError
 
 WITH_EXTRA_MODULES = [m for m in ('ofa', 'rsd', 'hcd', 'fitnet', 'correlation', 'crd')
                       if m in distillers.distiller_names()]
-METHODS = (['vanilla', 'kd'] + [m for m in ('dkd', 'dist', 'rkd', 'bkd') if m in distillers.distiller_names()]
-           + WITH_EXTRA_MODULES)
+# Logit-only methods hold no state of their own: kd stands for them in the default run, the rest run with -m slow.
+LOGIT_ONLY = [m for m in ('dkd', 'dist', 'rkd', 'bkd') if m in distillers.distiller_names()]
+METHODS = (['vanilla', 'kd'] + [pytest.param(m, marks=pytest.mark.slow) for m in LOGIT_ONLY] + WITH_EXTRA_MODULES)
 
 
 def base_args(output, teacher_file, method):
