@@ -5,6 +5,7 @@ augmentation is off, so the two runs compute the same gradients on the same imag
 every step that both ranks hold identical weights (train.py does this at every --log-interval).
 """
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -102,7 +103,8 @@ def test_dist_bn_averages_or_broadcasts_batchnorm_statistics(tmp_path, mode, mea
     script.write_text(DIST_BN_SCRIPT)
     out = run_command([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
                        f'--master_port={free_port()}', str(script), mode], env={'PYTHONPATH': ROOT})
-    ranks = {r['rank']: r for r in (json.loads(line) for line in out.splitlines() if line.startswith('{'))}
+    # The two ranks share one stdout, so their lines may run together: take each flat JSON object.
+    ranks = {r['rank']: r for r in (json.loads(text) for text in re.findall(r'\{[^{}]*\}', out))}
     for rank in (0, 1):
         expected_mean = mean if mean is not None else rank + 1.0
         expected_var = var if var is not None else 10.0 * (rank + 1)
