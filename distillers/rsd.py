@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from custom_forward import embedding_dim, feature_format, forward_features, num_prefix_tokens, stage_info, tokens_to_map
 
-from ._base import Distiller
+from ._base import Distiller, at_least_float32
 from .registry import register_distiller
 
 STANDARDISE_EPS = 1e-5
@@ -45,16 +45,12 @@ def _no_autocast(tensor):
     return torch.autocast(tensor.device.type, enabled=False)
 
 
-def _at_least_float32(tensor):
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-
-
 def rsd_loss_correlation(student_projected, teacher_embedding, kappa):
     """The loss as written in the paper: forms the D x D correlation matrix. O(B D^2) time, O(D^2) memory."""
     with _no_autocast(student_projected):
         batch_size = student_projected.shape[0]
-        teacher_hat, _, _ = _standardise(_at_least_float32(teacher_embedding))
-        student_hat, _, _ = _standardise(_at_least_float32(student_projected))
+        teacher_hat, _, _ = _standardise(at_least_float32(teacher_embedding))
+        student_hat, _, _ = _standardise(at_least_float32(student_projected))
         correlation = teacher_hat.T @ student_hat / batch_size
         on_diagonal = torch.diagonal(correlation)
         off_diagonal_sq = correlation.pow(2).sum() - on_diagonal.pow(2).sum()
@@ -123,7 +119,7 @@ def rsd_loss_gram(student_projected, teacher_embedding, kappa):
     C_ii = sum_b Z^_t[b, i] Z^_s[b, i] / B is a column-wise dot product.
     """
     with _no_autocast(student_projected):
-        return _GramRSD.apply(_at_least_float32(student_projected), _at_least_float32(teacher_embedding), kappa)
+        return _GramRSD.apply(at_least_float32(student_projected), at_least_float32(teacher_embedding), kappa)
 
 
 def rsd_loss(student_projected, teacher_embedding, kappa):

@@ -266,21 +266,9 @@ REFERENCE_RUN_STATE = ('apex_amp', 'native_amp', 'torchscript', 'local_rank', 'r
 
 
 def add_reference_arguments(parser):
-    """The rest of the OFA-KD / RSD train.py's flags: baseline-method flags (when no distiller here declares
-    them) and those that mean nothing here, accepted only at the reference's defaults."""
+    """The rest of the OFA-KD / RSD train.py's flags: those that mean nothing here, accepted only at the
+    reference's defaults (its baseline methods' flags are declared by their distillers)."""
     group = parser.add_argument_group('Flags of the OFA-KD / RSD train.py')
-    baselines = [('--correlation-scale', float, 0.02), ('--correlation-feat-dim', int, 128),
-                 ('--crd-feat-dim', int, 128), ('--crd-k', int, 16384), ('--crd-momentum', float, 0.5),
-                 ('--crd-temperature', float, 0.07), ('--rkd-distance-weight', float, 25.0),
-                 ('--rkd-angle-weight', float, 50.0), ('--rkd-eps', float, 1e-12), ('--fitnet-loss-weight', float, 1.0)]
-    known = parser._option_string_actions
-    for flag, kind, default in baselines:
-        if flag not in known:
-            group.add_argument(flag, type=kind, default=default, help=argparse.SUPPRESS)
-    if '--rkd-squared' not in known:
-        group.add_argument('--rkd-squared', action='store_true', help=argparse.SUPPRESS)
-    if '--fitnet-stage' not in known:
-        group.add_argument('--fitnet-stage', type=int, nargs='+', default=[1, 2, 3, 4], help=argparse.SUPPRESS)
     for flag, (kind, nargs, default, instead) in UNSUPPORTED_REFERENCE_FLAGS.items():
         help_text = f'reference flag, accepted at its default only: {instead}'
         names = [f'--{flag}'] + (['--dist_url'] if flag == 'dist-url' else [])  # the reference spells it so
