@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import distillers
 from xkd import checkpoint, data, distributed, engine, models
-from xkd.config import check_args, parse_args, run_arguments
+from xkd.config import check_args, mixup_active, parse_args, run_arguments
 from xkd.ema import StudentEmas
 from xkd.errors import UserError
 from xkd.hardware import warn_if_bfloat16_emulated
@@ -50,10 +50,6 @@ def check_inputs(args, distiller_class):
     if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):
         raise UserError(f"--resume '{args.resume}' does not exist (use --resume auto to continue the run "
                         f"in --output/--experiment when it has a last.pth.tar)")
-
-
-def mixup_active(args):
-    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
 def create_criterion(args):

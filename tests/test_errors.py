@@ -81,3 +81,30 @@ def test_a_fresh_run_never_overwrites_a_named_run(capsys, tmp_path):
 def test_sync_bn_on_cpu_says_it_needs_gpus(capsys):
     err = cli_error(capsys, FAST + ['--sync-bn', '--device', 'cpu'])
     assert '--sync-bn needs GPUs' in err
+
+
+@pytest.mark.parametrize('flags', [['--mixup', '0.8'], ['--cutmix', '1.0'], ['--cutmix-minmax', '0.2', '0.8']])
+def test_odd_batch_with_mixup_stops_before_any_model_is_built(capsys, monkeypatch, flags):
+    built = []
+    monkeypatch.setattr(train.models, 'create_model', lambda *a, **k: built.append(a))
+    err = cli_error(capsys, FAST + ['--batch-size', '7'] + flags)
+    assert '--batch-size 7 is odd' in err and 'even --batch-size' in err and 'pairs' in err
+    assert not built
+
+
+def test_odd_batch_with_mixup_from_a_recipe_yaml(capsys, monkeypatch, tmp_path):
+    built = []
+    monkeypatch.setattr(train.models, 'create_model', lambda *a, **k: built.append(a))
+    config = tmp_path / 'recipe.yaml'
+    config.write_text('mixup: 0.8\ncutmix: 1.0\nbatch_size: 9\n')
+    err = cli_error(capsys, ['--config', str(config)] + [f for f in FAST if f not in ('--batch-size', '8')])
+    assert '--batch-size 9 is odd' in err and 'recipe' in err
+    assert not built
+    # The shipped vit_mlp recipe turns mixup on: an odd batch on the command line stops the same way.
+    err = cli_error(capsys, ['--config', 'configs/cifar/vit_mlp.yaml'] + FAST + ['--batch-size', '5'])
+    assert '--batch-size 5 is odd' in err
+
+
+def test_odd_batch_without_mixup_is_fine():
+    args = train.parse_args(FAST + ['--batch-size', '7'])
+    train.check_args(args)  # no mixup: an odd batch is allowed

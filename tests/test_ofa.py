@@ -192,3 +192,59 @@ def test_extra_parameters_match_spec(student_name, expected_millions):
     teacher = create('swin_tiny_patch4_window7_224', num_classes=100)
     distiller = build(student, teacher, num_classes=100, input_size=224)
     assert round(sum(p.numel() for p in distiller.extra_parameters()) / 1e6, 2) == expected_millions
+
+
+def reference_total_loss(args, logits_student, logits_teacher, branch_logits, label, criterion):
+    """The OFA total loss as the OFA-KD / RSD code computes it (distillers/ofa.py of github.com/Hao840/OFAKD,
+    the same file in github.com/VISION-SJTU/RSD, read at their fetched HEADs):
+
+    - in __init__, when --ofa-eps holds a single value it is replaced by a list that repeats that value
+      len(--ofa-stage) + 1 times (one per stage, one more for the final logits); a length check follows;
+    - in forward, each listed stage is paired with the eps at its position (a zip of the stage list with the
+      expanded eps list), its branch's logits go through the OFA loss against the teacher's final logits,
+      and the branch losses are summed and multiplied by --ofa-loss-weight;
+    - the final logits go through the OFA loss with the last eps, times --kd-loss-weight;
+    - the ground-truth term is --gt-loss-weight times the criterion; the three terms are returned apart
+      and the train loop adds them.
+    """
+    eps = list(args.ofa_eps)
+    if len(eps) == 1:
+        eps = [eps[0] for _ in range(len(args.ofa_stage) + 1)]
+    assert len(args.ofa_stage) + 1 == len(eps)
+    target_mask = F.one_hot(label, logits_student.size(-1)).double()
+    branch_losses = [reference_ofa_loss(branch_logits[stage], logits_teacher, target_mask, stage_eps,
+                                        args.ofa_temperature)
+                     for stage, stage_eps in zip(args.ofa_stage, eps)]
+    loss_ofa = args.ofa_loss_weight * sum(branch_losses)
+    loss_gt = args.gt_loss_weight * criterion(logits_student, label)
+    loss_kd = args.kd_loss_weight * reference_ofa_loss(logits_student, logits_teacher, target_mask, eps[-1],
+                                                       args.ofa_temperature)
+    return loss_gt + loss_kd + loss_ofa, len(branch_losses)
+
+
+@pytest.mark.parametrize('eps', [1.0, 1.5])
+def test_one_eps_and_four_stages_total_loss_equals_the_reference(eps):
+    """--ofa-eps X --ofa-stage 1 2 3 4: the reference expands X to all four stages and the logits, so it
+    trains all four branches; ours computes the same total on the same inputs, branches and weights."""
+    student, teacher = create('demo_resnet_student').double(), create('demo_vit_teacher').double()
+    distiller = build(student, teacher, ofa_stage=[1, 2, 3, 4], ofa_eps=[eps], ofa_loss_weight=0.1,
+                      kd_loss_weight=1.0).double().eval()
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(8, 3, 32, 32, generator=generator, dtype=torch.float64)
+    label = torch.randint(0, 10, (8,), generator=generator)
+    _, losses = distiller(image, label)
+    ours = sum(losses.values())
+    with torch.no_grad():
+        logits_student, features = forward_features(student, image)
+        logits_teacher = teacher(image)
+        branch_logits = {stage: distiller.branches[f'stage{stage}'](features[stage - 1]) for stage in (1, 2, 3, 4)}
+    expected, num_terms = reference_total_loss(distiller.args, logits_student, logits_teacher, branch_logits,
+                                               label, distiller.criterion)
+    assert num_terms == 4
+    # The teacher's logits pass through float32 on our side (its dtype rule), hence 1e-6 and not 1e-12.
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+    # All four branches are trained: each gets a non-zero gradient from the total.
+    ours.backward()
+    for stage in (1, 2, 3, 4):
+        grads = [p.grad for p in distiller.branches[f'stage{stage}'].parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), f'stage {stage} branch untrained'

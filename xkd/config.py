@@ -328,6 +328,11 @@ def parse_args(argv=None, parser=None):
     return parser.parse_args(argv)
 
 
+def mixup_active(args):
+    """Whether timm's Mixup runs on each training batch (mixup, cutmix or a cutmix box range is on)."""
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
 def check_args(args):
     """Range checks on the merged arguments, before anything heavy is built."""
     if args.dataset and args.dataset not in DATASETS:
@@ -356,6 +361,12 @@ def check_args(args):
     for name, value in non_negative.items():
         if value is not None and value < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if mixup_active(args) and args.batch_size % 2:
+        # timm's Mixup pairs each image with its mirror in the batch and asserts an even length mid-step.
+        raise UserError(f'--batch-size {args.batch_size} is odd, but mixup/cutmix is on (--mixup {args.mixup}, '
+                        f'--cutmix {args.cutmix}, from the command line or the --config recipe): mixup pairs '
+                        f'images inside a batch, so use an even --batch-size (e.g. {args.batch_size + 1}) or '
+                        f'--mixup 0 --cutmix 0')
     if args.kd_temperature <= 0:
         raise UserError(f'--kd-temperature must be positive, got {args.kd_temperature}')
     if not 0 <= args.smoothing < 1:
