@@ -234,3 +234,23 @@ def test_extra_parameters_match_spec(student_name, teacher_name, expected):
     distiller = build(create(student_name, num_classes=100), create(teacher_name, num_classes=100), 224,
                       num_classes=100)
     assert sum(p.numel() for p in distiller.extra_parameters()) == expected
+
+
+@pytest.mark.parametrize('gamma, hidden', [(0.5, 256), (1, 512), (6, 3072)])
+def test_gamma_of_the_ablation_sets_the_projector_width(gamma, hidden):
+    """RSD supplementary Table 10 runs gamma 1/2, 1, 2, 4 and 6: the hidden width is gamma * D_s."""
+    with torch.device('meta'):
+        student, teacher = create('resnet18', num_classes=100), create('swin_tiny_patch4_window7_224', num_classes=100)
+        distiller = build(student, teacher, 224, num_classes=100, rsd_gamma=gamma)
+    first, norm, _, last = distiller.projectors['embedding']
+    assert (first.out_features, norm.num_features, last.in_features) == (hidden, hidden, hidden)
+    parser = argparse.ArgumentParser()
+    get_distiller('rsd').add_arguments(parser)
+    assert parser.parse_args(['--rsd-gamma', '0.5']).rsd_gamma == 0.5
+
+
+def test_gamma_that_gives_a_fractional_width_is_refused():
+    with pytest.raises(ValueError, match='--rsd-gamma 0.3 gives a projector width of'):
+        build(create('demo_resnet_student'), create('demo_vit_teacher'), 32, rsd_gamma=0.3)
+    with pytest.raises(ValueError, match='--rsd-gamma must be positive'):
+        build(create('demo_resnet_student'), create('demo_vit_teacher'), 32, rsd_gamma=0)

@@ -103,6 +103,7 @@ def test_seeds_are_averaged_and_other_settings_kept_apart(hand_written_runs, cap
     assert (seeds['runs'], seeds['epochs'], seeds['extra params (M)']) == ('2', '3/3', '1.313')
     assert seeds['teacher'] == 'swin_tiny_patch4_window7_224' and seeds['student'] == 'resnet18'
     assert seeds['published top-1'] == '83.92'  # cifar100-rsd-swin_t-resnet18 in configs/experiments.yaml
+    assert seeds['ours - published'] == '-14.92'  # best top-1 mean 69.00 - 83.92
 
     other_lr = by_key[('rsd', 'lr=0.1')]
     assert (other_lr['best top-1'], other_lr['last top-1'], other_lr['runs']) == ('45.00', '44.00', '1')
@@ -112,7 +113,26 @@ def test_seeds_are_averaged_and_other_settings_kept_apart(hand_written_runs, cap
     assert unfinished['published top-1'] == '80.54'
 
     alone = by_key[('vanilla', '-')]
-    assert alone['teacher'] == '-' and alone['published top-1'] == '-' and alone['extra params (M)'] == '0.000'
+    # ResNet18 alone on CIFAR-100: cifar100-vanilla-resnet18, the "from scratch" number.
+    assert alone['teacher'] == '-' and alone['published top-1'] == '74.01' and alone['extra params (M)'] == '0.000'
+    assert alone['ours - published'] == '-49.01'
+
+
+def test_a_run_named_after_a_variant_cell_gets_the_variants_number(tmp_path, capsys):
+    runs = tmp_path / 'runs'
+    write_run(runs / 'kappa0', dict(RSD_SWIN_RESNET, rsd_kappa=0.0, experiment='cifar100-rsd-kappa0-swin_t-resnet18'),
+              [80.0, 83.0, 82.0], 1.313)
+    # A name of a cell with other models is not taken: this one falls back to the RSD cell at its defaults.
+    write_run(runs / 'misnamed', dict(RSD_SWIN_RESNET, rsd_kappa=0.01, experiment='cifar100-rsd-kappa0-mixer_b16-deit_t'),
+              [80.0, 81.0, 82.0], 1.313)
+    assert collect_results.main([str(runs), '--csv', str(tmp_path / 'r.csv')]) == 0
+    rows = {row['settings']: row for row in table_rows(capsys.readouterr().out)}
+    assert rows['rsd_kappa=0.0']['published top-1'] == '83.90'  # RSD supp. T11, kappa = 0
+    assert rows['rsd_kappa=0.0']['ours - published'] == '-0.90'
+    assert rows['rsd_kappa=0.01']['published top-1'] == '83.92'
+    with open(tmp_path / 'r.csv') as f:
+        sources = {row['published_source'] for row in csv.DictReader(f)}
+    assert sources == {'RSD supp. T11', 'RSD supp. T9 (lambda 0.1), T10 (gamma 2), T11 (Norm., MSE, kappa 0.01)'}
 
 
 def test_globs_and_csv(hand_written_runs, tmp_path, capsys):

@@ -7,8 +7,10 @@
 Each run folder holds `args.yaml` and `summary.csv` (and `log.txt`). Runs whose arguments differ only in
 the seed (and in bookkeeping such as the run folder or the number of loader workers) are one row: best
 and last top-1 as mean ± sample std over them, how many runs, epochs done of epochs planned, the
-distiller's extra parameters (from log.txt) and the published top-1 of the matching cell of
-configs/experiments.yaml. Rows that share teacher, student and method but differ in other arguments
+distiller's extra parameters (from log.txt), the published top-1 of the matching cell of
+configs/experiments.yaml (the run's --experiment when it names a cell, as train.sh sets it; otherwise the cell
+of the same models and method at its defaults) and ours minus published (best top-1 mean minus the cell's
+first published number; the CSV also has that number's source). Rows that share teacher, student and method but differ in other arguments
 name those arguments in a `settings` column.
 """
 import argparse
@@ -24,7 +26,7 @@ from typing import List, Optional
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 if TOOLS not in sys.path:
     sys.path.insert(0, TOOLS)
-from experiments import find_published, load_experiments  # noqa: E402
+from experiments import find_cell, load_experiments  # noqa: E402
 from xkd.errors import UserError  # noqa: E402  (experiments put the repository root on the path)
 from xkd.yaml_file import load_yaml  # noqa: E402
 
@@ -179,7 +181,10 @@ def summarise(group, settings_label, experiments):
     last_mean, last_std = mean_std([run.top1[-1] for run in evaluated])
     extra = sorted({run.extra_parameters for run in group if run.extra_parameters is not None})
     dataset, teacher, student, method = first.models
-    published = find_published(experiments, dataset, teacher, student, method)
+    # A run launched by cell name (train.sh sets --experiment CELL) is that cell, a variant included.
+    names = [run.args.get('experiment') for run in group if run.args.get('experiment') in experiments]
+    cell = find_cell(experiments, dataset, teacher, student, method, names[0] if names else None)
+    published = cell.published_top1 if cell else None
     return {
         'dataset': dataset, 'teacher': teacher, 'student': student, 'method': method,
         'settings': settings_label,
@@ -189,6 +194,8 @@ def summarise(group, settings_label, experiments):
         'epochs_planned': first.args.get('epochs', '?'),  # part of the settings, so the same for the group
         'extra_params_m': ', '.join(f'{value:.3f}' for value in extra) or None,
         'published_top1': published,
+        'published_source': cell.published[0].source if cell and cell.published else None,
+        'ours_minus_published': None if published is None or best_mean is None else best_mean - published,
         'folders': ';'.join(run.folder for run in group),
     }
 
@@ -205,7 +212,7 @@ def collect(paths):
 def markdown_table(rows):
     show_settings = any(row['settings'] for row in rows)
     header = ['dataset', 'teacher', 'student', 'method'] + (['settings'] if show_settings else []) + [
-        'best top-1', 'last top-1', 'runs', 'epochs', 'extra params (M)', 'published top-1']
+        'best top-1', 'last top-1', 'runs', 'epochs', 'extra params (M)', 'published top-1', 'ours - published']
     lines = []
     for row in rows:
         cells = [row['dataset'], row['teacher'], row['student'], row['method']]
@@ -213,7 +220,8 @@ def markdown_table(rows):
         cells += [format_mean_std(row['best_top1_mean'], row['best_top1_std']),
                   format_mean_std(row['last_top1_mean'], row['last_top1_std']), str(row['runs']),
                   f"{row['epochs_done']}/{row['epochs_planned']}", row['extra_params_m'] or '-',
-                  '-' if row['published_top1'] is None else f"{row['published_top1']:.2f}"]
+                  '-' if row['published_top1'] is None else f"{row['published_top1']:.2f}",
+                  '-' if row['ours_minus_published'] is None else f"{row['ours_minus_published']:+.2f}"]
         lines.append([str(cell) for cell in cells])
     widths = [max(len(line[i]) for line in [header] + lines) for i in range(len(header))]
 
