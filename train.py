@@ -22,11 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 import distillers
 from xkd import checkpoint, data, distributed, engine, models
-from xkd.config import check_args, mixup_active, parse_args, run_arguments
+from xkd.config import check_args, command_line_warnings, mixup_active, parse_args, run_arguments
 from xkd.ema import StudentEmas
-from xkd.errors import UserError
+from xkd.errors import UserError, require_file
 from xkd.hardware import warn_if_bfloat16_emulated
-from xkd.logger import RunRecorder, setup_logging
+from xkd.logger import RunRecorder, setup_logging, start_file_log
 from xkd.run import output_folder, resolve_amp_dtype, resolve_input_size, run_cli, seed_everything
 
 _logger = logging.getLogger('train')
@@ -39,17 +39,17 @@ def check_inputs(args, distiller_class):
         if not args.teacher:
             raise UserError(f"--distiller {args.distiller} needs --teacher (a timm model name)")
         models.check_model_name(args.teacher, '--teacher')
-        if args.teacher_pretrained and not os.path.isfile(args.teacher_pretrained):
-            raise UserError(f"--teacher-pretrained '{args.teacher_pretrained}' does not exist")
+        if args.teacher_pretrained:
+            require_file(args.teacher_pretrained, '--teacher-pretrained')
     if args.amp and args.amp_dtype == 'float16' and args.device_type != 'cuda':
         raise UserError('--amp-dtype float16 needs a GPU; on CPU use --amp --amp-dtype bfloat16')
     if args.sync_bn and args.device_type != 'cuda':
         raise UserError('--sync-bn needs GPUs: PyTorch\'s SyncBatchNorm runs on CUDA only; leave it out on CPU')
     if models.teacher_dtype(args) == torch.float16 and args.device_type != 'cuda':
         raise UserError('--teacher-dtype float16 needs a GPU; on CPU use --teacher-dtype bfloat16')
-    if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):
-        raise UserError(f"--resume '{args.resume}' does not exist (use --resume auto to continue the run "
-                        f"in --output/--experiment when it has a last.pth.tar)")
+    if args.resume and args.resume != 'auto':
+        require_file(args.resume, '--resume', ' (use --resume auto to continue the run in --output/--experiment '
+                                              'when it has a last.pth.tar)')
 
 
 def create_criterion(args):
@@ -65,6 +65,19 @@ def create_criterion(args):
     return torch.nn.CrossEntropyLoss()
 
 
+def make_run_folder(path):
+    """Create the run folder (if new) and check that files can be written in it, before anything is built."""
+    probe = os.path.join(path, f'.write-test-{os.getpid()}')
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write the run folder '{path}' ({type(e).__name__}: {e.strerror or e}); "
+                        f"choose an --output where you can write") from None
+
+
 def student_kwargs(args):
     """The student's optional regularisation and pooling flags, passed to timm only when given."""
     drop_path = args.drop_path if args.drop_path is not None else args.drop_connect
@@ -75,6 +88,7 @@ def student_kwargs(args):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    warnings = command_line_warnings(args, argv)
     distiller_class = distillers.get_distiller(args.distiller)
     env = distributed.init_distributed(args.local_rank, args.device)
     args.device_type = env.device.type
@@ -83,18 +97,20 @@ def main(argv=None):
     check_inputs(args, distiller_class)
 
     train_set, val_set = data.create_datasets(args)
-    args.num_classes = args.num_classes or data.dataset_num_classes(args, train_set)
+    args.num_classes = data.check_num_classes(args, train_set)
     args.input_size = resolve_input_size(args, args.model)
 
     # Every rank checks the folder (so all fail alike); rank 0's choice of a fresh suffix is the one used.
     args.output_dir = distributed.broadcast_object(output_folder(args), env)
     if env.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
+        make_run_folder(args.output_dir)
     setup_logging(args.output_dir, env.is_main)
     resume_path = checkpoint.resolve_resume(args.resume, args.output_dir)
     _logger.info(f'Run folder {args.output_dir}; {env.world_size} process(es) on {env.device.type}, '
                  f'batch {args.batch_size} per process ({args.batch_size * env.world_size} in all)')
     warn_if_bfloat16_emulated(args, env.device)
+    for warning in warnings:
+        _logger.warning(warning)
     seed_everything(args.seed + env.rank)
 
     student = models.create_model(args.model, args.num_classes, args.input_size, pretrained=args.pretrained,
@@ -156,6 +172,8 @@ def main(argv=None):
             scheduler.step(start_epoch)
         _logger.info(f'Resumed from {resume_path} at epoch {start_epoch}')
     if env.is_main:
+        # From here on the run owns its folder: nothing before this line has changed a file in it.
+        start_file_log()
         with open(os.path.join(args.output_dir, 'args.yaml'), 'w') as f:
             yaml.safe_dump(run_arguments(args), f)
 

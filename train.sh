@@ -27,11 +27,31 @@ check_nproc() {
     fi
 }
 
+# launch N ARGS: train.py on N processes. The launcher answers a failed process with a report of its own
+# (tens of lines); train.py's one-line error is repeated after it, last, and the exit status is 2.
 launch() {
     local nproc=$1
     shift
     local port=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
-    exec python -m torch.distributed.launch --nproc_per_node="$nproc" --master_port="$port" train.py "$@"
+    local errors status=0
+    errors=$(mktemp)
+    # stdout goes straight through; stderr is shown as it comes and kept in a file.
+    set +e
+    { python -m torch.distributed.launch --nproc_per_node="$nproc" --master_port="$port" train.py "$@" \
+        2>&1 1>&3 3>&- | tee "$errors" >&2 3>&-; status=${PIPESTATUS[0]}; } 3>&1
+    set -e
+    if [ "$status" -ne 0 ]; then
+        local line
+        line=$(grep -E '^error: ' "$errors" | tail -n 1 || true)
+        rm -f "$errors"
+        if [ -n "$line" ]; then
+            echo "$line" >&2
+            exit 2
+        fi
+        exit "$status"
+    fi
+    rm -f "$errors"
+    exit 0
 }
 
 if [[ "$1" =~ ^[0-9]+$ ]]; then

@@ -14,6 +14,7 @@ Flags left out are taken from the arguments a checkpoint carries (model, classes
 """
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -43,6 +44,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.results_file and os.path.isdir(args.results_file):
+        raise UserError(f"--results-file '{args.results_file}' is a folder; give a file path (the JSON line is "
+                        f"appended to it), e.g. {os.path.join(args.results_file, 'results.jsonl')}")
+    if args.results_file and not os.path.isdir(os.path.dirname(os.path.abspath(args.results_file))):
+        raise UserError(f"--results-file '{args.results_file}': its folder does not exist; create it first")
     checkpoint = models.read_checkpoint(args.checkpoint, '--checkpoint')
     saved = checkpoint.get('args') if isinstance(checkpoint, dict) else None
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved or {}  # the reference saver's Namespace
@@ -50,6 +56,7 @@ def main(argv=None):
     args.dataset = args.dataset or saved.get('dataset') or 'imagenet'
     if args.dataset not in DATASETS:
         raise UserError(f"unknown dataset type '{args.dataset}'; known: {', '.join(DATASETS)}")
+    given_classes = args.num_classes
     args.num_classes = args.num_classes or saved.get('num_classes')
     if not args.input_size and not args.img_size and saved.get('input_size'):
         args.input_size = saved['input_size']
@@ -59,7 +66,9 @@ def main(argv=None):
     env = distributed.init_distributed(args.local_rank, args.device)
     setup_logging(is_main=env.is_main)
     _, val_set = data.create_datasets(args)
-    args.num_classes = args.num_classes or data.dataset_num_classes(args, val_set)
+    # A classifier of another class count scores 0 (or nonsense) on this data: refuse rather than print it.
+    args.num_classes = data.check_num_classes(
+        args, val_set, '--num-classes' if given_classes else f"the checkpoint's run had --num-classes")
     args.input_size = resolve_input_size(args, args.model)
     model = models.create_model(args.model, args.num_classes, args.input_size, **model_kwargs)
     state_dict = models.checkpoint_state_dict(checkpoint, args.checkpoint, '--checkpoint', use_ema=args.use_ema)

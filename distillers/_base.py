@@ -19,6 +19,9 @@ class Distiller(nn.Module):
     # Set by subclasses whose forward takes `indices`, each sample's position in the training set (CRD's
     # memory banks); the training loop passes them only then, so other methods keep the plain signature.
     needs_indices = False
+    # The flags shared between methods (--kd-temperature, --kd-loss-weight) that this method reads; train.py
+    # warns when one it does not read is given on the command line.
+    reads_shared_flags = ('kd_loss_weight',)
 
     def __init__(self, student, teacher, criterion, args):
         super().__init__()

@@ -17,6 +17,7 @@ def kd_loss(logits_student, logits_teacher, temperature=1.0):
 
 @register_distiller
 class KD(Distiller):
+    reads_shared_flags = ('kd_loss_weight', 'kd_temperature')
 
     def forward(self, image, label, epoch=0):
         logits_teacher = self.teacher_logits(image)

@@ -193,6 +193,7 @@ def _match_size(teacher_map, size):
 @register_distiller
 class RSD(Distiller):
     """loss_gt + rsd_loss_weight * sum over the chosen stages of rsd_loss(projector(F_s), F_t, kappa)."""
+    reads_shared_flags = ()
 
     def __init__(self, student, teacher, criterion, args):
         super().__init__(student, teacher, criterion, args)

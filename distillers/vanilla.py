@@ -5,6 +5,7 @@ from .registry import register_distiller
 @register_distiller
 class Vanilla(Distiller):
     """The student trained alone on the ground truth: the baseline every table starts from."""
+    reads_shared_flags = ()
 
     requires_teacher = False
 

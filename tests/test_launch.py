@@ -14,7 +14,7 @@ import torch
 from helpers import run_command, summary_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHRINK = ['--img-size', '32', '--epochs', '1']
+SHRINK = ['--img-size', '32', '--epochs', '1', '--warmup-epochs', '0']
 
 
 @pytest.fixture(scope='module')

@@ -310,7 +310,7 @@ def test_train_sh_runs_a_cell_by_name(cifar_dir, tmp_path):
     torch.save(timm.create_model('swin_tiny_patch4_window7_224', img_size=32, num_classes=100).state_dict(),
                teacher_path)
     result = run_script(['bash', 'train.sh', 'cifar100-rsd-swin_t-resnet18', '1', '--teacher-pretrained',
-                         str(teacher_path), '--img-size', '32', '--epochs', '1', '--batch-size', '16',
+                         str(teacher_path), '--img-size', '32', '--epochs', '1', '--warmup-epochs', '0', '--batch-size', '16',
                          '--train-subset', '32', '--workers', '0', '--output', str(tmp_path)],
                         env={'DATA': cifar_dir})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -244,7 +244,7 @@ def test_the_reference_args_yaml_trains(tmp_path, teacher_file, caplog):
         result = train.main(['--config', str(config), '--dataset', 'fake', '--fake-samples', '16', '--img-size', '32',
                              '--batch-size', '8', '--workers', '0', '--model', 'demo_resnet_student',
                              '--teacher', 'demo_vit_teacher', '--teacher-kwargs', 'depth=4',
-                             '--teacher-pretrained', teacher_file, '--num-classes', '10', '--epochs', '1',
+                             '--teacher-pretrained', teacher_file, '--num-classes', '10', '--epochs', '1', '--warmup-epochs', '0',
                              '--output', str(tmp_path / 'runs')])
     warnings = [r.getMessage() for r in caplog.records if 'ignored' in r.getMessage()]
     assert len(warnings) == 1, warnings
@@ -366,7 +366,7 @@ def test_rsd_readme_launch_line_without_dataset_runs_as_written(cifar_dir, tmp_p
     output = run_command([sys.executable, 'train.py', cifar_dir, '--config', str(config), '--model', 'resnet18',
                           '--teacher', 'swin_tiny_patch4_window7_224', '--teacher-pretrained', str(teacher),
                           '--num-classes', '100', '--distiller', 'ofa', '--ofa-eps', '1.0',
-                          '--img-size', '32', '--epochs', '1', '--workers', '0', '--output', str(tmp_path),
+                          '--img-size', '32', '--epochs', '1', '--warmup-epochs', '0', '--workers', '0', '--output', str(tmp_path),
                           '--experiment', 'readme'])
     assert 'Run folder' in output
     rows = summary_rows(tmp_path / 'readme')

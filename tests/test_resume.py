@@ -73,7 +73,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, teacher_file,
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path, teacher_file):
-    result = train.main(base_args(tmp_path, teacher_file, 'vanilla') + ['--epochs', '1', '--experiment', 'new',
+    result = train.main(base_args(tmp_path, teacher_file, 'vanilla') + ['--epochs', '1', '--warmup-epochs', '0',
+                                                                        '--experiment', 'new',
                                                                         '--resume', 'auto'])
     assert result['output_dir'] == str(tmp_path / 'new') and len(summary_rows(tmp_path / 'new')) == 1
 
@@ -101,7 +102,7 @@ def test_kill_during_save_leaves_last_checkpoint_whole(tmp_path, teacher_file, m
 
 
 def test_truncated_checkpoint_is_named_damaged_with_an_alternative(tmp_path, teacher_file):
-    args = base_args(tmp_path, teacher_file, 'kd') + ['--experiment', 'run', '--epochs', '2']
+    args = base_args(tmp_path, teacher_file, 'kd') + ['--experiment', 'run', '--epochs', '2', '--warmup-epochs', '1']
     train.main(args)
     last = tmp_path / 'run' / 'last.pth.tar'
     last.write_bytes(last.read_bytes()[:1000])

@@ -24,7 +24,7 @@ def test_the_recipe_parses_to_the_reference_settings():
 def test_the_recipe_trains_a_step_with_a_tiny_beitv2_teacher(tmp_path):
     """The recipe as written, with tiny models of the same families and fake data in place of ImageNet."""
     train.main(['--config', RECIPE, '--dataset', 'fake', '--num-classes', '10', '--fake-samples', '16',
-                '--img-size', '32', '--batch-size', '8', '--epochs', '1', '--workers', '0',
+                '--img-size', '32', '--batch-size', '8', '--epochs', '1', '--warmup-epochs', '0', '--workers', '0',
                 '--model', 'demo_resnet_student', '--teacher', 'beitv2_base_patch16_224',
                 '--teacher-kwargs', 'depth=2', 'embed_dim=48', 'num_heads=2', 'patch_size=8',
                 '--distiller', 'ofa', '--output', str(tmp_path), '--experiment', 'run'])

@@ -84,14 +84,34 @@ def find_run_folders(paths):
     return unique
 
 
+class UnreadableRun(Exception):
+    """A run folder whose summary.csv cannot be read as train.py writes it; the run is left out with a warning."""
+
+
 def read_run(folder):
     args = load_yaml(os.path.join(folder, 'args.yaml'), 'run arguments')
     summary = []
     summary_path = os.path.join(folder, 'summary.csv')
     if os.path.isfile(summary_path):  # absent until the first epoch ends
-        with open(summary_path) as f:
+        with open(summary_path, newline='') as f:
             summary = list(csv.DictReader(f))
+        for line, row in enumerate(summary, start=2):
+            check_summary_row(row, summary_path, line)
     return Run(folder, args, summary, read_extra_parameters(folder))
+
+
+def check_summary_row(row, path, line):
+    """A row as train.py writes it: every column filled in (eval columns may be empty), epoch and top-1 numbers."""
+    if None in row or any(value is None for value in row.values()):
+        raise UnreadableRun(f"'{path}' line {line} has {'more' if None in row else 'fewer'} fields than its header "
+                            f"(a run stopped while writing it?)")
+    try:
+        int(row.get('epoch', ''))
+        if row.get('eval_top1', '') != '':
+            float(row['eval_top1'])
+    except ValueError:
+        raise UnreadableRun(f"'{path}' line {line}: epoch {row.get('epoch')!r} or eval_top1 "
+                            f"{row.get('eval_top1')!r} is not a number") from None
 
 
 def read_extra_parameters(folder):
@@ -201,7 +221,16 @@ def summarise(group, settings_label, experiments):
 
 
 def collect(paths):
-    runs = [read_run(folder) for folder in find_run_folders(paths)]
+    runs, left_out = [], []
+    for folder in find_run_folders(paths):
+        try:
+            runs.append(read_run(folder))
+        except UnreadableRun as e:
+            left_out.append(f'run {folder}: {e}; fix or delete that line to include it')
+    if not runs:
+        raise UserError(f"no readable runs under {', '.join(paths)}: {left_out[0]}")
+    for reason in left_out:
+        print(f'warning: left out {reason}', file=sys.stderr)
     groups = group_runs(runs)
     experiments = load_experiments()
     rows = [summarise(group, label, experiments) for group, label in zip(groups, distinguishing_settings(groups))]

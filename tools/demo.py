@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import distillers  # noqa: E402
+from xkd.yaml_file import load_yaml  # noqa: E402
 
 TEACHER_CONFIG = 'configs/demo/teacher.yaml'
 STUDENT_CONFIG = 'configs/demo/student.yaml'
@@ -116,7 +117,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.seeds < 1:
         sys.exit(f'demo: --seeds must be at least 1, got {args.seeds}')
-    epochs = ['--epochs', str(args.epochs)] if args.epochs else []
+
+    def epochs(config):
+        """--epochs for a quick check, with the config's warm-up shortened to fit (train.py refuses a warm-up
+        that never ends)."""
+        if not args.epochs:
+            return []
+        warmup = min(int(load_yaml(os.path.join(ROOT, config), 'config').get('warmup_epochs', 0)), args.epochs - 1)
+        return ['--epochs', str(args.epochs), '--warmup-epochs', str(warmup)]
 
     known = distillers.distiller_names()
     methods = args.methods or [m for m in METHOD_ORDER if m in known]
@@ -136,7 +144,8 @@ def main(argv=None):
     else:
         print('teacher: training demo_vit_teacher on the digits ...', flush=True)
         shutil.rmtree(teacher_dir, ignore_errors=True)
-        seconds = run_train(['--config', TEACHER_CONFIG, '--output', output, '--experiment', 'teacher'] + epochs,
+        seconds = run_train(['--config', TEACHER_CONFIG, '--output', output, '--experiment', 'teacher']
+                            + epochs(TEACHER_CONFIG),
                             os.path.join(output, 'teacher.out'))
         export_teacher(teacher_dir, teacher_file)
     last, best = read_summary(teacher_dir)
@@ -156,7 +165,7 @@ def main(argv=None):
             print(f'student: {label} ...', flush=True)
             argv = ['--config', STUDENT_CONFIG, '--distiller', method, '--teacher-pretrained', teacher_file,
                     '--output', output, '--experiment', experiment, '--seed', str(seed)] \
-                + METHOD_FLAGS.get(method, []) + epochs
+                + METHOD_FLAGS.get(method, []) + epochs(STUDENT_CONFIG)
             seconds = run_train(argv, os.path.join(output, f'{experiment}.out'))
             last, best = read_summary(run_dir)
             results.append((last, best, seconds, run_dir))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from timm.utils import CheckpointSaver, get_state_dict, unwrap_model
 
-from .errors import UserError
+from .errors import UserError, require_file
 
 _logger = logging.getLogger(__name__)
 
@@ -76,26 +76,98 @@ class DistillationSaver(CheckpointSaver):
         torch.save(state, save_path)
 
 
+TMP = 'tmp.pth.tar'
+
+
 def resolve_resume(resume, output_dir):
-    """`--resume auto` -> the run's last.pth.tar if there is one, else '' (start fresh)."""
+    """`--resume auto` -> the run's last.pth.tar; '' (start fresh) only when the folder holds no checkpoint.
+
+    timm's saver writes tmp.pth.tar, unlinks last.pth.tar and renames tmp to last: a kill between the two
+    leaves a complete tmp.pth.tar and no last.pth.tar. That file is resumed from (it is the newer epoch);
+    if it is not complete, or other checkpoints are there without a last.pth.tar, the run stops with one line
+    rather than start over and overwrite them.
+    """
     if resume != 'auto':
         return resume
     path = os.path.join(output_dir, LAST)
-    return path if os.path.isfile(path) else ''
+    if os.path.isfile(path):
+        return path
+    tmp = os.path.join(output_dir, TMP)
+    if os.path.isfile(tmp):
+        try:
+            state = torch.load(tmp, map_location='cpu', weights_only=True)
+            complete = isinstance(state, dict) and all(key in state for key in ('state_dict', 'optimizer', 'epoch'))
+        except Exception:
+            complete = False
+        if complete:
+            _logger.warning(f"no {LAST} in '{output_dir}', but a complete {TMP} of epoch {state['epoch']} (a run "
+                            f"stopped while saving): resuming from it")
+            return tmp
+        raise UserError(f"no {LAST} in '{output_dir}' and its {TMP} is incomplete (the run stopped while saving "
+                        f"it); resume from another checkpoint with --resume FILE"
+                        + _other_checkpoints(output_dir, tmp) + ", or delete the folder to start over")
+    others = _other_checkpoints(output_dir, None)
+    if others:
+        raise UserError(f"no {LAST} in '{output_dir}', but other checkpoints are there; resume from one with "
+                        f"--resume FILE{others}, or delete them to start over")
+    return ''
+
+
+def _other_checkpoints(folder, excluded):
+    """'; in FOLDER: a, b' for the checkpoint files in the folder other than `excluded` and its hard links
+    (timm's checkpoint-N and model_best are links to the last.pth.tar they were saved as)."""
+    if not os.path.isdir(folder):
+        return ''
+    others = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not name.endswith('.pth.tar') or name == TMP or not os.path.isfile(path):
+            continue
+        if excluded is not None and os.path.exists(excluded) and os.path.samefile(path, excluded):
+            continue
+        others.append(name)
+    return f" (in {folder}: {', '.join(others)})" if others else ''
 
 
 def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise UserError(f"--resume '{path}' does not exist")
+    require_file(path, '--resume')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # a truncated or corrupt file: tell the user which one to use instead
+    except Exception as e:
+        if _reference_checkpoint(path):
+            raise UserError(f"'{path}' is a checkpoint of the OFA-KD / RSD train.py, not of this one, so its "
+                            f"optimizer and schedule cannot be resumed here; start a run from its weights with "
+                            f"--pretrained-path (as the student) or --teacher-pretrained (as the teacher)") from None
+        # A truncated or corrupt file: tell the user which other one to use instead.
         folder = os.path.dirname(os.path.abspath(path))
-        others = sorted(f for f in os.listdir(folder) if f.endswith('.pth.tar') and f not in (
-            os.path.basename(path), 'tmp.pth.tar'))
-        hint = (f"; resume from another checkpoint in {folder}: {', '.join(others)}" if others else
+        others = _other_checkpoints(folder, path)
+        hint = (f"; resume from another checkpoint with --resume FILE{others}" if others else
                 '; no other checkpoint is in its folder, so start the run again')
         raise UserError(f"checkpoint '{path}' is damaged and cannot be read ({type(e).__name__}){hint}") from None
+
+
+def _reference_checkpoint(path):
+    """Whether the file reads as timm's CheckpointSaver wrote it in the reference train.py (Namespace args)."""
+    from .models import read_checkpoint
+    try:
+        state = read_checkpoint(path, '--resume')
+    except UserError:
+        return False
+    return isinstance(state, dict) and 'state_dict' in state and not isinstance(state.get('args'), dict)
+
+
+def _mismatch(module, state_dict):
+    """Which keys are missing, unexpected or of another shape, in a few words."""
+    own = module.state_dict()
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own]
+    shapes = [f'{key} {tuple(state_dict[key].shape)} vs {tuple(own[key].shape)}' for key in own
+              if key in state_dict and hasattr(state_dict[key], 'shape') and state_dict[key].shape != own[key].shape]
+    parts = []
+    for label, items in (('shapes differ', shapes), ('missing', missing), ('unexpected', unexpected)):
+        if items:
+            parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
+    return '; '.join(parts)
 
 
 def changed_arguments(saved, args):
@@ -130,11 +202,21 @@ def resume(path, distiller, optimizer, model_emas, amp_scaler, saver):
     saved_method = checkpoint.get('distiller_name')
     if saved_method is not None and saved_method != distiller.args.distiller:
         raise UserError(f"'{path}' was written by a '{saved_method}' run; resume it with --distiller {saved_method}")
+    saved_args = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
+    current = distiller.args
+    what = [f"{key} {saved_args[key]!r} (now {getattr(current, key)!r})" for key in ('model', 'num_classes')
+            if key in saved_args and saved_args[key] != getattr(current, key, None)]
+    cause = (f"; the checkpoint's run had {', '.join(what)}: resume with the same --model and --num-classes, "
+             f"or use a new --output/--experiment for this run" if what else '')
+    mismatch = _mismatch(distiller.student, checkpoint['state_dict'])
+    if mismatch:
+        raise UserError(f"'{path}' does not fit this run's student {current.model}: {mismatch}{cause}")
     try:
-        distiller.student.load_state_dict(checkpoint['state_dict'])
         distiller.load_extra_state_dict(checkpoint.get('distiller', {}))
     except (RuntimeError, KeyError) as e:
-        raise UserError(f"'{path}' does not fit this run's student or distiller: {str(e).splitlines()[0]}") from None
+        raise UserError(f"'{path}' does not fit this run's {current.distiller} modules: "
+                        f"{' '.join(str(e).split())[:300]}{cause}") from None
+    distiller.student.load_state_dict(checkpoint['state_dict'])
     planned = [{key: value for key, value in group.items() if key != 'params'} for group in optimizer.param_groups]
     optimizer.load_state_dict(checkpoint['optimizer'])
     for group, hyper_parameters in zip(optimizer.param_groups, planned):

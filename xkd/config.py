@@ -7,6 +7,7 @@ silently fall back to a default.
 import argparse
 import difflib
 import logging
+import sys
 
 import yaml
 
@@ -328,6 +329,117 @@ def parse_args(argv=None, parser=None):
     return parser.parse_args(argv)
 
 
+def command_line_dests(argv, parser=None):
+    """The destinations of the flags written on the command line (not those a --config file set)."""
+    parser = parser or build_parser()
+    dests = set()
+    for token in sys.argv[1:] if argv is None else argv:
+        if token == '--':
+            break
+        action = parser._option_string_actions.get(token.split('=', 1)[0]) if token.startswith('--') else None
+        if action is not None:
+            dests.add(action.dest)
+    return dests
+
+
+def distiller_flags(name):
+    """The dests of the flags a distiller declares itself."""
+    parser = argparse.ArgumentParser(add_help=False)
+    distillers.get_distiller(name).add_arguments(parser)
+    return {action.dest for action in parser._actions}
+
+
+def command_line_warnings(args, argv):
+    """Flags written on the command line that the chosen distiller does not read, one warning each; a teacher
+    given to a method that trains the student alone is an error (it would never be read)."""
+    given = command_line_dests(argv)
+    method = distillers.get_distiller(args.distiller)
+    warnings = []
+    named = sorted(given & {'teacher', 'teacher_pretrained', 'teacher_kwargs', 'use_ema_teacher'})
+    if named and not method.requires_teacher:
+        flags = ', '.join(f"--{dest.replace('_', '-')}" for dest in named)
+        chosen = 'distiller' in given or (args.config and 'distiller' in load_yaml(args.config))
+        if not chosen:  # the default: the user most likely forgot --distiller
+            raise UserError(f'{flags} given, but no --distiller: the default, vanilla, trains the student alone and '
+                            f'never reads the teacher; add --distiller (kd, ofa, rsd, ...; the OFA-KD default was '
+                            f'ofa) or leave out the teacher flags')
+        warnings.append(f'{flags} has no effect with --distiller {args.distiller}, which trains the student alone')
+    own = distiller_flags(args.distiller)
+    for dest in sorted(given):
+        owners = [name for name in distillers.distiller_names() if name != args.distiller and dest in distiller_flags(name)]
+        unread = dest in SHARED_METHOD_FLAGS and dest not in method.reads_shared_flags
+        if not (owners or unread):
+            continue
+        flag = '--' + dest.replace('_', '-')
+        suffix = dest.split('_', 1)[-1]
+        counts = sorted(f"--{other.replace('_', '-')}" for other in own if other.split('_', 1)[-1] == suffix)
+        whose = f"a flag of --distiller {' / '.join(owners)}" if owners else 'not read by this method'
+        warnings.append(f"{flag} has no effect with --distiller {args.distiller} ({whose})"
+                        + (f"; the flag that counts here is {' '.join(counts)}" if counts else ''))
+    return warnings
+
+
+# Flags that several methods share; each distiller lists those it reads in `reads_shared_flags`.
+SHARED_METHOD_FLAGS = ('kd_temperature', 'kd_loss_weight')
+
+
+# timm's scheduler names (create_scheduler_v2); anything else fails there after the models are built.
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'rsqrt', 'constant')
+
+
+def check_ranges(args):
+    """Rates, probabilities, sizes and names that torch or timm would reject with a traceback mid-run, or
+    accept and silently misuse (a probability of 2 is 'always'; a momentum of 1 or more diverges)."""
+    def flag(dest):
+        return '--' + dest.replace('_', '-')
+
+    rates = ('drop', 'drop_path', 'drop_connect', 'drop_block', 'reprob', 'hflip', 'mixup_prob', 'mixup_switch_prob')
+    for dest in rates:
+        value = getattr(args, dest, None)
+        if value is not None and not 0 <= value <= 1:
+            raise UserError(f'{flag(dest)} is a probability, in [0, 1]; got {value}')
+    for dest in ('min_lr', 'warmup_lr', 'color_jitter', 'momentum'):
+        value = getattr(args, dest)
+        if value is not None and value < 0:
+            raise UserError(f'{flag(dest)} must not be negative, got {value}')
+    if args.momentum is not None and args.momentum >= 1:
+        raise UserError(f'--momentum {args.momentum} is not below 1: SGD would diverge; the recipes use 0.9')
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise UserError(f'--crop-pct is the share of the resized image kept by the centre crop, in (0, 1]; '
+                        f'got {args.crop_pct}')
+    if args.img_size is not None and args.img_size < 1:
+        raise UserError(f'--img-size must be a positive number of pixels, got {args.img_size}')
+    if args.input_size is not None and (args.input_size[0] != 3 or min(args.input_size) < 1):
+        raise UserError(f'--input-size is channels height width, with 3 channels (the images are RGB); got '
+                        f"{' '.join(map(str, args.input_size))}")
+    for dest in ('scale', 'ratio'):
+        low, high = getattr(args, dest)
+        if not 0 < low <= high:
+            raise UserError(f'{flag(dest)} is a range MIN MAX with 0 < MIN <= MAX; got {low} {high}')
+    from timm.data.transforms import _str_to_pil_interpolation as interpolations
+    for dest, extra in (('interpolation', ('',)), ('train_interpolation', ('', 'random'))):
+        value = getattr(args, dest, '') or ''
+        if value not in (*extra, *interpolations):
+            raise UserError(f"{flag(dest)} '{value}' is not an interpolation; use one of "
+                            f"{', '.join(extra[1:] + tuple(interpolations))} (or '' for the model's)")
+    if args.aa:
+        from timm.data import create_transform
+        try:  # timm parses the policy string when the transform is built: try it on a tiny size now
+            create_transform(8, is_training=True, auto_augment=args.aa)
+        except (AssertionError, ValueError, KeyError, IndexError) as e:
+            raise UserError(f"--aa '{args.aa}' is not a policy timm knows ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:120]}); e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, "
+                            f"original") from None
+    if args.sched not in SCHEDULERS:
+        raise UserError(f"--sched '{args.sched}' is not a timm scheduler; use one of {', '.join(SCHEDULERS)}")
+    from timm.optim import list_optimizers
+    known = list_optimizers()
+    if args.opt.lower() not in known and args.opt.lower().split('_')[-1] not in known:
+        close = difflib.get_close_matches(args.opt.lower(), known, n=3)
+        raise UserError(f"--opt '{args.opt}' is not a timm optimizer" +
+                        (f"; close names: {', '.join(close)}" if close else '') + ' (sgd, adamw, lamb, ...)')
+
+
 def mixup_active(args):
     """Whether timm's Mixup runs on each training batch (mixup, cutmix or a cutmix box range is on)."""
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
@@ -361,12 +473,25 @@ def check_args(args):
     for name, value in non_negative.items():
         if value is not None and value < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        # timm scales every gradient by clip / norm: a negative threshold ascends, zero never learns.
+        raise UserError(f'--clip-grad must be positive, got {args.clip_grad} (a negative threshold reverses every '
+                        f'gradient, 0 stops learning); leave it out for no clipping')
+    if args.min_lr > args.lr:
+        raise UserError(f'--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule would rise instead of '
+                        f'decay; give a --min-lr below --lr (the recipes use about lr / 50)')
+    if args.warmup_epochs and args.warmup_epochs >= args.epochs:
+        where = f" (from '{args.config}')" if args.config else ''
+        raise UserError(f'--warmup-epochs {args.warmup_epochs}{where} is not below --epochs {args.epochs}: the run '
+                        f'would never leave warm-up; give fewer --warmup-epochs (e.g. --warmup-epochs 0 for a '
+                        f'short test run) or more --epochs')
     if mixup_active(args) and args.batch_size % 2:
         # timm's Mixup pairs each image with its mirror in the batch and asserts an even length mid-step.
         raise UserError(f'--batch-size {args.batch_size} is odd, but mixup/cutmix is on (--mixup {args.mixup}, '
                         f'--cutmix {args.cutmix}, from the command line or the --config recipe): mixup pairs '
                         f'images inside a batch, so use an even --batch-size (e.g. {args.batch_size + 1}) or '
                         f'--mixup 0 --cutmix 0')
+    check_ranges(args)
     if args.kd_temperature <= 0:
         raise UserError(f'--kd-temperature must be positive, got {args.kd_temperature}')
     if not 0 <= args.smoothing < 1:

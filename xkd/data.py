@@ -56,9 +56,29 @@ class CIFAR100Folder(CIFAR100):
         return all(os.path.isfile(os.path.join(self.root, self.base_folder, name)) for name in files)
 
     def _load_meta(self):
-        with open(os.path.join(self.root, self.base_folder, self.meta['filename']), 'rb') as f:
-            self.classes = pickle.load(f, encoding='latin1')[self.meta['key']]
+        path = os.path.join(self.root, self.base_folder, self.meta['filename'])
+        try:
+            with open(path, 'rb') as f:
+                self.classes = pickle.load(f, encoding='latin1')[self.meta['key']]
+        except Exception as e:
+            raise damaged_cifar_file(path, e) from None
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+
+def damaged_cifar_file(path, error):
+    return UserError(f"CIFAR-100 file '{path}' cannot be read ({type(error).__name__}: "
+                     f"{' '.join(str(error).split())[:120] or 'no detail'}): it is truncated or damaged; delete the "
+                     f"folder '{os.path.dirname(path)}' and run again to download it anew (or copy a complete one there)")
+
+
+def read_cifar100(root, train):
+    """One split of CIFAR-100; a truncated or damaged pickle is named in one line."""
+    try:
+        return CIFAR100Folder(root, train=train)
+    except UserError:
+        raise
+    except Exception as e:
+        raise damaged_cifar_file(os.path.join(root, CIFAR100.base_folder, 'train' if train else 'test'), e) from None
 
 
 def cifar100_root(data_dir, download):
@@ -173,8 +193,8 @@ def create_datasets(args):
         if not args.data_dir:
             raise UserError('--dataset cifar100 needs the data folder as the first argument')
         root = cifar100_root(args.data_dir, args.dataset_download)
-        train = CIFAR100Folder(root, train=True)
-        val = CIFAR100Folder(root, train=False)
+        train = read_cifar100(root, train=True)
+        val = read_cifar100(root, train=False)
     elif args.dataset in ('imagenet', 'folder'):
         if not args.data_dir:
             raise UserError(f'--dataset {args.dataset} needs the data folder as the first argument')
@@ -193,6 +213,9 @@ def create_datasets(args):
     else:
         raise UserError(f"unknown dataset type '{args.dataset}'; known: {', '.join(DATASET_DEFAULTS)}")
     if args.train_subset:
+        if args.train_subset > len(train):
+            raise UserError(f'--train-subset {args.train_subset} is more than the {len(train)} training images; '
+                            f'give at most {len(train)}, or leave it out to train on all of them')
         train = fixed_subset(train, args.train_subset, args.seed)
     return train, val
 
@@ -204,12 +227,29 @@ def fixed_subset(dataset, size, seed):
     return subset
 
 
-def dataset_num_classes(args, train_set):
+def dataset_num_classes(args, dataset):
     """The class count of the data: the dataset type's, or the number of class folders."""
-    default = DATASET_DEFAULTS[args.dataset]['num_classes']
-    if args.dataset == 'folder':
-        return len(train_set.classes)
-    return default
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if args.dataset in ('folder', 'imagenet'):
+        return len(dataset.classes)
+    if args.dataset == 'fake':
+        return getattr(dataset, 'num_classes', None) or args.num_classes or DATASET_DEFAULTS['fake']['num_classes']
+    return DATASET_DEFAULTS[args.dataset]['num_classes']
+
+
+def check_num_classes(args, dataset, whose='--num-classes'):
+    """The class count to build the model with: the data's, or --num-classes when it is the same.
+
+    Fewer classes than the data's labels fail inside the loss at the first step; more give a head whose extra
+    outputs never see a label. Both are refused here, before any model is built.
+    """
+    data_classes = dataset_num_classes(args, dataset)
+    if args.num_classes and args.num_classes != data_classes:
+        raise UserError(f"{whose} {args.num_classes}, but the {args.dataset} data has {data_classes} classes "
+                        f"(labels 0..{data_classes - 1}); leave --num-classes out to use the data's count, or give "
+                        f"--num-classes {data_classes}")
+    return data_classes
 
 
 class DataLoadingError(UserError):
@@ -224,6 +264,15 @@ class DataLoadingError(UserError):
         if len(lines) > 1 and 'Traceback' in str(message):
             message = lines[-1].split(f'{type(self).__name__}: ', 1)[-1]
         super().__init__(message)
+
+
+def describe_sample(dataset, i):
+    """'Name set' and, for image files, the file's path: what a user needs to find a bad sample."""
+    while isinstance(dataset, Subset):
+        dataset, i = dataset.dataset, dataset.indices[i]
+    samples = getattr(dataset, 'samples', None)
+    path = f" ('{samples[i][0]}')" if isinstance(samples, list) and 0 <= i < len(samples) else ''
+    return f'{type(dataset).__name__} set{path}'
 
 
 def one_line(value):
@@ -288,9 +337,8 @@ class TransformedDataset(Dataset):
                 image = step(image)
         except Exception as e:
             where = step if isinstance(step, str) else f'transform step {one_line(step)}'
-            name = type(self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset).__name__
-            raise DataLoadingError(f'sample {i} of the {name} set failed in {where}: {type(e).__name__}: '
-                                   f'{" ".join(str(e).split())}') from e
+            raise DataLoadingError(f'sample {i} of the {describe_sample(self.dataset, i)} failed in {where}: '
+                                   f'{type(e).__name__}: {" ".join(str(e).split())}') from e
         return (image, target, i) if self.with_index else (image, target)
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass
 class DistEnv:
@@ -42,6 +44,14 @@ def init_distributed(local_rank_flag=None, device=None):
     if local_rank is None:
         local_rank = local_rank_flag if local_rank_flag is not None else 0
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith('cuda')
+    if device is not None and not (use_cuda or str(device) == 'cpu'):
+        raise UserError(f"--device '{device}' is not a device this code runs on; use --device cuda or --device cpu")
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError(f"--device {device}, but this machine has no CUDA device that PyTorch can use "
+                        f"(torch.cuda.is_available() is False); use --device cpu, or leave --device out")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise UserError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                        f"launch at most that many processes per node")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device('cuda', local_rank)

@@ -16,9 +16,47 @@ def setup_logging(output_dir=None, is_main=True):
     console.setFormatter(logging.Formatter(LOG_FORMAT, '%H:%M:%S'))
     root.addHandler(console)
     if output_dir and is_main:
-        file_handler = logging.FileHandler(os.path.join(output_dir, 'log.txt'))
+        file_handler = DeferredFileHandler(os.path.join(output_dir, 'log.txt'))
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(file_handler)
+
+
+class DeferredFileHandler(logging.Handler):
+    """log.txt, written from the moment the run commits to its folder (`start_file_log`); the records before
+    that are held in memory and written then. A run that stops before (a refused resume, a bad flag found
+    late) leaves the folder's earlier log.txt as it was."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        self.pending = []
+        self.file = None
+
+    def emit(self, record):
+        if self.file is None:
+            self.pending.append(record)
+        else:
+            self.file.emit(record)
+
+    def start(self):
+        if self.file is None:
+            self.file = logging.FileHandler(self.path)
+            self.file.setFormatter(self.formatter)
+            for record in self.pending:
+                self.file.emit(record)
+            self.pending = []
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        super().close()
+
+
+def start_file_log():
+    """Start writing log.txt (see DeferredFileHandler)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, DeferredFileHandler):
+            handler.start()
 
 
 class RunRecorder:

@@ -15,7 +15,7 @@ import timm
 import torch
 
 import custom_model  # noqa: F401  (registers our architectures with timm)
-from .errors import UserError
+from .errors import UserError, require_file
 
 _logger = logging.getLogger(__name__)
 
@@ -36,7 +36,13 @@ def check_model_name(name, flag='--model'):
     raise UserError(f"unknown model '{name}' for {flag}{hint}")
 
 
-def create_model(name, num_classes, input_size, pretrained=False, pretrained_path='', **kwargs):
+# Constructor arguments that train.py passes from its own flags; any other comes from --model-kwargs/--teacher-kwargs.
+KWARG_FLAGS = {'drop_rate': '--drop', 'drop_path_rate': '--drop-path', 'drop_block_rate': '--drop-block',
+               'global_pool': '--gp'}
+
+
+def create_model(name, num_classes, input_size, pretrained=False, pretrained_path='', kwargs_flag='--model-kwargs',
+                 **kwargs):
     """`timm.create_model` at our input size; `pretrained_path` loads a local file through `load_weights`.
 
     Transformers and MLPs fix their token grid at construction, so the image size is passed to the models
@@ -55,6 +61,19 @@ def create_model(name, num_classes, input_size, pretrained=False, pretrained_pat
             if 'img_size' not in str(e):
                 raise
             model = timm.create_model(name, **kwargs)
+    except (TypeError, ValueError) as e:
+        key = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        user_kwargs = {k: v for k, v in kwargs.items() if k not in ('num_classes', 'pretrained', *KWARG_FLAGS)}
+        if not key:
+            if not user_kwargs:
+                raise
+            given = ' '.join(f'{k}={v}' for k, v in user_kwargs.items())
+            raise UserError(f"{kwargs_flag} {given}: building '{name}' failed ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:160]}); check the values against the model's "
+                            f"constructor") from None
+        flag = KWARG_FLAGS.get(key.group(1), kwargs_flag)
+        raise UserError(f"{flag}: '{name}' takes no argument '{key.group(1)}'; leave it out, or check the name "
+                        f"against the model's constructor (timm.create_model('{name}', ...))") from None
     except (OSError, RuntimeError) as e:
         if not pretrained:
             raise
@@ -81,8 +100,7 @@ def read_checkpoint(path, flag='--teacher-pretrained'):
     because timm's CheckpointSaver (the reference train.py's saver) stores the run's arguments as one.
     Any other Python object is refused, and the message names its class.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} '{path}' does not exist")
+    require_file(path, flag)
     try:
         if path.endswith('.safetensors'):
             from safetensors.torch import load_file
@@ -253,7 +271,8 @@ def load_weights(model, state_dict, name, path, num_classes, flag, new_head=Fals
 
 def create_teacher(args):
     """The frozen teacher: built, its weights loaded, in eval mode with no gradients."""
-    teacher = create_model(args.teacher, args.num_classes, args.input_size, **args.teacher_kwargs)
+    teacher = create_model(args.teacher, args.num_classes, args.input_size, kwargs_flag='--teacher-kwargs',
+                           **args.teacher_kwargs)
     if args.teacher_pretrained:
         state_dict = read_state_dict(args.teacher_pretrained, use_ema=args.use_ema_teacher)
         load_weights(teacher, state_dict, args.teacher, args.teacher_pretrained, args.num_classes,

@@ -8,6 +8,8 @@ from .errors import UserError
 
 def load_yaml(path, what='config'):
     """Read a YAML mapping; a parse error names the file and line."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} file '{path}' is a folder; give a YAML file (e.g. configs/cifar/cnn.yaml)")
     if not os.path.isfile(path):
         raise UserError(f"{what} file '{path}' does not exist")
     with open(path) as f:
