@@ -21,7 +21,7 @@ from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 
 import distillers
-from xkd import checkpoint, data, distributed, engine, models
+from xkd import checkpoint, data, distributed, engine, models, teacher_cache
 from xkd.config import check_args, command_line_warnings, mixup_active, parse_args, run_arguments
 from xkd.ema import StudentEmas
 from xkd.errors import UserError, require_file
@@ -135,6 +135,9 @@ def main(argv=None):
     if env.device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
     train_loader, val_loader = data.create_loaders(args, train_set, val_set, env.device, env.rank, env.world_size)
+    if args.teacher_cache:
+        distiller.teacher_cache = teacher_cache.open_for_run(args, distiller_class, teacher, len(train_set),
+                                                             len(train_loader), env.world_size)
     mixup_fn = None
     if mixup_active(args):
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,

@@ -2,10 +2,12 @@
 # bash train.sh              the embedded demo: digits, a small ViT teacher, a small CNN student (CPU, minutes)
 # bash train.sh N [FLAGS]    RSD's launcher: N processes with torch.distributed.launch on a free port,
 #                            ResNet18 <- Swin-T on CIFAR-100; FLAGS are passed on to train.py
-#                            (DATA and TEACHER override the data folder and the teacher checkpoint)
+#                            (DATA and TEACHER override the data folder and the teacher checkpoint;
+#                            TEACHER_CACHE=DIR passes --teacher-cache DIR)
 # bash train.sh --list       the published cells of configs/experiments.yaml: name, teacher, student,
 #                            method, published top-1
-# bash train.sh CELL N [FLAGS]   one cell by name on N processes (DATA overrides the data folder);
+# bash train.sh CELL N [FLAGS]   one cell by name on N processes (DATA overrides the data folder,
+#                            TEACHER_CACHE=DIR passes --teacher-cache DIR);
 #                            FLAGS come last, so they override the cell's own flags
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -32,6 +34,10 @@ check_nproc() {
 launch() {
     local nproc=$1
     shift
+    # TEACHER_CACHE=DIR: read or write the teacher's outputs there (train.py --teacher-cache), like DATA.
+    if [ -n "${TEACHER_CACHE:-}" ]; then
+        set -- "$@" --teacher-cache "$TEACHER_CACHE"
+    fi
     local port=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
     local errors status=0
     errors=$(mktemp)

@@ -22,6 +22,16 @@ class Distiller(nn.Module):
     # The flags shared between methods (--kd-temperature, --kd-loss-weight) that this method reads; train.py
     # warns when one it does not read is given on the command line.
     reads_shared_flags = ('kd_loss_weight',)
+    # What the method reads of the teacher, which is what --teacher-cache stores for it: 'logits' and/or
+    # 'embedding' (the pooled pre-logits features). None: it needs the stage maps, and runs the teacher live.
+    teacher_reads = ('logits',)
+    # Set by train.py with --teacher-cache: serves the teacher's outputs of each batch (xkd/teacher_cache.py).
+    teacher_cache = None
+
+    @classmethod
+    def cached_teacher_fields(cls, args):
+        """The teacher outputs this run reads (see `teacher_reads`); None when a cache cannot serve it."""
+        return cls.teacher_reads
 
     def __init__(self, student, teacher, criterion, args):
         super().__init__()
@@ -59,6 +69,8 @@ class Distiller(nn.Module):
     # which autograd keeps until backward, are allocated; on CPU that measured 7 % faster per step.
     def teacher_logits(self, image):
         """The teacher's logits, float32, usable by the losses (see `teacher_features`)."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.serve(image, lambda: self._live_cached_fields(image))['logits']
         with self._teacher_mode():
             logits = self.teacher(self._teacher_input(image))
         return autograd_copy(logits)
@@ -67,12 +79,28 @@ class Distiller(nn.Module):
         """Teacher logits and its five features (stages 1..4, embedding) from one pass, as float32.
 
         The teacher runs under inference mode (cheaper than no_grad: no version counters, no view tracking)
-        in its own dtype (`--teacher-dtype`) and, under `--amp`, in the autocast dtype.
+        in its own dtype (`--teacher-dtype`) and, under `--amp`, in the autocast dtype. From a teacher cache,
+        the stage features are None (only methods that read no stage map are served by one).
         """
+        if self.teacher_cache is not None:
+            served = self.teacher_cache.serve(image, lambda: self._live_cached_fields(image))
+            return served.get('logits'), [None, None, None, None, served['embedding']]
         from custom_forward import forward_features
         with self._teacher_mode():
             logits, feats = forward_features(self.teacher, self._teacher_input(image))
         return autograd_copy(logits), [autograd_copy(f) for f in feats]
+
+    def _live_cached_fields(self, image):
+        """The cached fields computed by the teacher, as the uncached calls compute them (the logits of
+        `forward_features` are bit-identical to the model's own forward; tests/test_teacher_cache.py)."""
+        fields = self.teacher_cache.fields
+        if 'embedding' not in fields:
+            with self._teacher_mode():
+                return {'logits': autograd_copy(self.teacher(self._teacher_input(image)))}
+        from custom_forward import forward_features
+        with self._teacher_mode():
+            logits, feats = forward_features(self.teacher, self._teacher_input(image))
+        return {'logits': autograd_copy(logits), 'embedding': autograd_copy(feats[-1])}
 
     def _teacher_mode(self):
         # torch.compile cannot trace inference mode; no_grad is the next best there.

@@ -35,6 +35,7 @@ def check_batch_size(args, method):
 @register_distiller
 class Correlation(Distiller):
     """loss_gt + kd_loss_weight * correlation_scale * cc_loss(Linear_s(e_s), Linear_t(e_t))."""
+    teacher_reads = ('embedding',)
 
     def __init__(self, student, teacher, criterion, args):
         super().__init__(student, teacher, criterion, args)

@@ -137,6 +137,7 @@ class ContrastMemory(nn.Module):
 @register_distiller
 class CRD(Distiller):
     """loss_gt + kd_loss_weight * (crd_nce_loss(P_s, N) + crd_nce_loss(P_t, N))."""
+    teacher_reads = ('embedding',)
 
     needs_indices = True
 

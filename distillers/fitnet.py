@@ -107,6 +107,7 @@ def build_aligner(student, teacher, stage, input_size=None):
 @register_distiller
 class FitNet(Distiller):
     """loss_gt + 0.1 * fitnet_loss_weight * sum over the chosen stages k of fitnet_loss(aligner_k(F_s,k), F_t,k)."""
+    teacher_reads = None  # the stage maps
     reads_shared_flags = ()
 
     def __init__(self, student, teacher, criterion, args):

@@ -95,6 +95,7 @@ def feature_mapper(in_dim, out_dim, hidden):
 class HCD(Distiller):
     """loss_gt + kd_loss_weight * KD(z_s, z_t) + sum over stages k of
     (hcd_kl_weight * sub-logit KL + hcd_ce_weight * sub-logit CE + hcd_ortho_weight * orthogonality_loss)."""
+    teacher_reads = ('logits', 'embedding')
     reads_shared_flags = ('kd_loss_weight', 'kd_temperature')
 
     def __init__(self, student, teacher, criterion, args):

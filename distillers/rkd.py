@@ -57,6 +57,7 @@ def rkd_loss(feature_student, feature_teacher, distance_weight, angle_weight, sq
 @register_distiller
 class RKD(Distiller):
     """loss_gt + kd_loss_weight * rkd_loss(e_s, e_t) on the pooled embeddings."""
+    teacher_reads = ('embedding',)
 
     @classmethod
     def check_args(cls, args):

@@ -194,6 +194,11 @@ def _match_size(teacher_map, size):
 class RSD(Distiller):
     """loss_gt + rsd_loss_weight * sum over the chosen stages of rsd_loss(projector(F_s), F_t, kappa)."""
     reads_shared_flags = ()
+    teacher_reads = ('embedding',)
+
+    @classmethod
+    def cached_teacher_fields(cls, args):
+        return cls.teacher_reads if list(args.rsd_stage) == [-1] else None  # stage maps: the teacher runs live
 
     def __init__(self, student, teacher, criterion, args):
         super().__init__(student, teacher, criterion, args)

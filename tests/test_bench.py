@@ -70,3 +70,14 @@ def test_loader_benchmark_prints_every_path_and_the_speed_up():
         for path in ('host (--no-prefetcher)', 'uint8 (--device-resize off)', 'device (default)')]
     assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
     assert float(result.stdout.strip().splitlines()[-1].split('speed-up ')[1]) > 0
+
+
+def test_teacher_cache_benchmark_prints_its_ratios():
+    result = subprocess.run([sys.executable, 'bench/teacher_cache.py', '--pairs', 'demo_resnet_student:demo_vit_teacher',
+                             '--img-size', '32', '--num-classes', '10', '--rounds', '2', '--threads', '1'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith('| demo_resnet_student')]
+    assert len(rows) == 1
+    cells = [cell.strip() for cell in rows[0].strip('|').split('|')]
+    assert len(cells) == 8 and all(float(cells[i]) > 0 for i in (1, 2, 3, 4, 5, 7))

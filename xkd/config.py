@@ -124,6 +124,11 @@ def build_parser():
                             "else float32); its outputs are cast back to float32 before any loss")
     group.add_argument('--eval-teacher', action='store_true',
                        help='evaluate the teacher on the validation set before training')
+    group.add_argument('--teacher-cache', default='', metavar='DIR',
+                       help="read the teacher's outputs of each epoch from DIR when a run of the same key wrote "
+                            "them, else run the teacher and write them there (see README, Teacher cache)")
+    group.add_argument('--teacher-cache-dtype', default='float32', choices=('float32', 'float16', 'bfloat16'),
+                       help='how the cache stores the outputs: float32 is exact; the others halve the disk')
     group.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm for the student (distributed)')
     group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
                        help="after each epoch, before evaluation, average ('reduce') or copy from rank 0 "

@@ -72,6 +72,9 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
     if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         mixup_fn.mixup_enabled = False  # the targets stay smoothed one-hot, as the reference's
     steps = len(loader)
+    cache = distiller.teacher_cache
+    if cache is not None:
+        cache.start_epoch(epoch)
     sums, count = {}, 0
     interval_images, interval_start = 0, time.time()
     epoch_start = time.time()
@@ -84,6 +87,8 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
+        if cache is not None:
+            cache.at_step(step)
         loss, losses = train_step(model, distiller, images, targets, epoch, optimizer, args, env, scaler, indices)
         if model_ema is not None:
             model_ema.update(distiller.student, step=epoch * steps + step)
@@ -115,6 +120,8 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
     means = {key: value / count for key, value in sums.items()}
     means = {key: all_reduce_sum(value.clone(), env).item() / env.world_size for key, value in means.items()}
     check_finite(means, epoch, steps - 1, steps, last_checkpoint)
+    if cache is not None:
+        cache.end_epoch()  # only a whole, finite epoch becomes readable
     return means
 
 
