@@ -80,4 +80,5 @@ def test_teacher_cache_benchmark_prints_its_ratios():
     rows = [line for line in result.stdout.splitlines() if line.startswith('| demo_resnet_student')]
     assert len(rows) == 1
     cells = [cell.strip() for cell in rows[0].strip('|').split('|')]
-    assert len(cells) == 8 and all(float(cells[i]) > 0 for i in (1, 2, 3, 4, 5, 7))
+    assert len(cells) == 10 and all(float(cells[i]) > 0 for i in (1, 2, 3, 4, 5, 7, 9))
+    assert all(float(value) > 0 for value in cells[8].split(','))
