@@ -229,3 +229,17 @@ def test_a_resumed_run_reads_the_cache_and_ends_as_the_uninterrupted_run(tmp_pat
                   str(tmp_path / 'whole' / 'checkpoint-0.pth.tar'))
     assert calls.count == 0  # epoch 1 came from the cache
     assert_same_weights(whole, resumed)
+
+
+def test_a_cache_written_by_one_method_serves_another_bit_for_bit(tmp_path, teachers, monkeypatch):
+    """With random erasing, mixup and cutmix (the vit_mlp recipe), a method that draws random numbers of its own
+    between batches (CRD samples its negatives) still sees the batches kd saw: the batch-level augmentation draws
+    from generators of its own (engine.AugmentationRandomness), so the cache is shared across the table."""
+    cache = ['--teacher-cache', str(tmp_path / 'cache')]
+    run(tmp_path, 'tokens', 'hcd', 'writer', teachers, *cache)  # logits and embedding, for all methods below
+    for method in ('crd', 'kd', 'rsd'):
+        live = run(tmp_path, 'tokens', method, f'{method}-live', teachers)
+        calls = TeacherCalls(monkeypatch)
+        read = run(tmp_path, 'tokens', method, f'{method}-read', teachers, *cache)
+        assert calls.count == 0, method
+        assert_same_weights(live, read)

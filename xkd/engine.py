@@ -6,9 +6,11 @@ the next checkpoint is written, so the last checkpoint on disk is always a good 
 """
 import logging
 import math
+import random
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.utils import dispatch_clip_grad
@@ -62,6 +64,46 @@ def train_step(model, distiller, images, targets, epoch, optimizer, args, env, s
     return loss, losses
 
 
+class AugmentationRandomness:
+    """The random generators' states of the batch-level augmentation (random erasing on the device, mixup and
+    cutmix), kept apart from the training's own draws (dropout, drop-path, a method's sampling such as CRD's
+    negatives). The batches an epoch yields then depend only on (seed, epoch, rank), whatever the method draws
+    between them: every method of a table shows the teacher the same inputs, which --teacher-cache relies on.
+    Entered around each batch's augmentation; it swaps its states in and the training's back out."""
+
+    def __init__(self, seed, device):
+        saved = self._states(device)
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        torch.manual_seed(seed)
+        self.device = device
+        self.state = self._states(device)
+        self._restore(saved)
+
+    @staticmethod
+    def _states(device):
+        cuda = torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
+        return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+    def _restore(self, states):
+        python, numpy, cpu, cuda = states
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+
+    def __enter__(self):
+        self.saved = self._states(self.device)
+        self._restore(self.state)
+        return self
+
+    def __exit__(self, *exc):
+        self.state = self._states(self.device)
+        self._restore(self.saved)
+        return False
+
+
 def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args, env, mixup_fn=None,
                     scaler=None, model_ema=None, recorder=None, last_checkpoint=''):
     """One pass over `loader`; `model` is the distiller, wrapped by DDP when distributed.
@@ -72,18 +114,22 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
     if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         mixup_fn.mixup_enabled = False  # the targets stay smoothed one-hot, as the reference's
     steps = len(loader)
+    # Its own seed: not the training's (seed + 1000 epoch + rank, set by train.py), so the two streams differ.
+    augmentation = AugmentationRandomness(args.seed + 1000 * epoch + 500 + env.rank, env.device)
     cache = distiller.teacher_cache
     if cache is not None:
         cache.start_epoch(epoch)
     sums, count = {}, 0
     interval_images, interval_start = 0, time.time()
     epoch_start = time.time()
-    for step, (images, targets, indices) in enumerate(batches_or_stop(loader, epoch, last_checkpoint)):
+    for step, (images, targets, indices) in enumerate(batches_or_stop(loader, epoch, last_checkpoint,
+                                                                       augmentation)):
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
         indices = indices.to(env.device, non_blocking=True)
         if mixup_fn is not None:
-            images, targets = mixup_fn(images, targets)
+            with augmentation:
+                images, targets = mixup_fn(images, targets)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
@@ -129,12 +175,15 @@ def last_good(last_checkpoint):
     return f"the last good checkpoint is '{last_checkpoint}'" if last_checkpoint else 'no checkpoint was written yet'
 
 
-def batches_or_stop(loader, epoch, last_checkpoint):
-    """The loader's batches; a sample that cannot be loaded stops the run, naming it and the last good checkpoint."""
+def batches_or_stop(loader, epoch, last_checkpoint, augmentation=None):
+    """The loader's batches; a sample that cannot be loaded stops the run, naming it and the last good checkpoint.
+    Each batch is drawn under `augmentation`'s generators (random erasing on the device draws there)."""
+    augmentation = augmentation or nullcontext()
     batches = iter(loader)
     while True:
         try:
-            batch = next(batches)
+            with augmentation:
+                batch = next(batches)
         except StopIteration:
             return
         except DataLoadingError as e:
