@@ -137,7 +137,7 @@ def main(argv=None):
     train_loader, val_loader = data.create_loaders(args, train_set, val_set, env.device, env.rank, env.world_size)
     if args.teacher_cache:
         distiller.teacher_cache = teacher_cache.open_for_run(args, distiller_class, teacher, len(train_set),
-                                                             len(train_loader), env.world_size)
+                                                             len(train_loader), env.rank, env.world_size)
     mixup_fn = None
     if mixup_active(args):
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,

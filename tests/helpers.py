@@ -64,3 +64,23 @@ def summary_rows(run_dir):
     """The rows of a run's summary.csv, as dicts."""
     with open(os.path.join(run_dir, 'summary.csv')) as f:
         return list(csv.DictReader(f))
+
+
+def sigkill_when_logged(command, log, marker, timeout=300):
+    """Start `command` in the repository root and SIGKILL it as soon as `marker` appears in the file `log`
+    (a real kill: no handler runs, loader workers included). Returns the process's exit status."""
+    import signal
+    import time
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while not (log.exists() and marker in log.read_text()):
+            assert process.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode

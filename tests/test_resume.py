@@ -158,31 +158,16 @@ def test_resume_with_another_lr_and_weight_decay_uses_them(tmp_path, capsys):
 
 def test_sigkill_mid_epoch_with_loader_workers_then_resume_auto_ends_with_the_uninterrupted_weights(tmp_path):
     """A real kill: SIGKILL while epoch 1 runs (loader workers busy), then `--resume auto`."""
-    import os
     import signal
-    import subprocess
     import sys
-    import time
-    from helpers import ROOT, run_command
+    from helpers import run_command, sigkill_when_logged
     args = ['train.py', '--dataset', 'fake', '--fake-samples', '96', '--img-size', '32', '--batch-size', '8',
             '--workers', '2', '--model', 'demo_resnet_student', '--distiller', 'vanilla', '--epochs', '2',
             '--lr', '0.05', '--warmup-epochs', '1', '--log-interval', '1', '--output', str(tmp_path)]
     run_command([sys.executable] + args + ['--experiment', 'full'])
     log = tmp_path / 'killed' / 'log.txt'
-    process = subprocess.Popen([sys.executable] + args + ['--experiment', 'killed'], cwd=ROOT,
-                               env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while not (log.exists() and 'Train: 1 [ 2/12]' in log.read_text()):
-            assert process.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
-            time.sleep(0.02)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == -signal.SIGKILL
+    status = sigkill_when_logged([sys.executable] + args + ['--experiment', 'killed'], log, 'Train: 1 [ 2/12]')
+    assert status == -signal.SIGKILL
     assert torch.load(tmp_path / 'killed' / 'last.pth.tar', weights_only=True)['epoch'] == 0  # killed in epoch 1
     output = run_command([sys.executable] + args + ['--experiment', 'killed', '--resume', 'auto'])
     assert 'Resumed from' in output and 'at epoch 1' in output

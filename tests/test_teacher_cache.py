@@ -187,9 +187,33 @@ def test_stage_map_methods_run_live_and_say_so(tmp_path, teachers, monkeypatch, 
     assert calls.count == 8 and not os.path.exists(tmp_path / 'cache')
 
 
-def test_several_processes_are_refused_in_one_line():
-    with pytest.raises(UserError, match='--teacher-cache serves one process for now'):
-        teacher_cache.open_for_run(None, None, torch.nn.Linear(1, 1), 32, 4, world_size=2)
+def test_two_writers_of_one_epoch_leave_whole_files_with_the_same_bytes(tmp_path, monkeypatch):
+    """Two runs of one key writing the same epoch at once (two processes: two pids): each writes a temporary file
+    of its own and renames it whole, so a reader never takes a partial file, and the bytes are the same."""
+    images, logits = torch.randn(2, 3, 4, 4), torch.randn(2, 5)
+    writers = {pid: teacher_cache.TeacherCache(str(tmp_path), {'k': 1}, ('logits',), 'float32', 2, 1)
+               for pid in (1000, 2000)}
+
+    def as_process(pid):
+        monkeypatch.setattr(teacher_cache.os, 'getpid', lambda: pid)
+        return writers[pid]
+
+    for pid in writers:
+        writer = as_process(pid)
+        writer.start_epoch(0)
+        writer.at_step(0)
+        writer.serve(images, lambda: {'logits': logits})
+    folder = writers[1000].folder
+    assert len(glob.glob(os.path.join(folder, '*.logits.npy.tmp*'))) == 2  # one temporary file per writer
+    as_process(1000).end_epoch()
+    final = os.path.join(folder, 'epoch0000.logits.npy')
+    first = open(final, 'rb').read()
+    reader = teacher_cache.TeacherCache(str(tmp_path), {'k': 1}, ('logits',), 'float32', 2, 1)
+    reader.start_epoch(0)
+    assert reader.reading  # whole and readable while the second writer is still at work
+    as_process(2000).end_epoch()
+    assert open(final, 'rb').read() == first
+    assert not glob.glob(os.path.join(folder, '*.tmp*'))
 
 
 @pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
@@ -243,3 +267,63 @@ def test_a_cache_written_by_one_method_serves_another_bit_for_bit(tmp_path, teac
         read = run(tmp_path, 'tokens', method, f'{method}-read', teachers, *cache)
         assert calls.count == 0, method
         assert_same_weights(live, read)
+
+
+def test_two_processes_read_what_two_processes_wrote_bit_for_bit(tmp_path, teachers):
+    """DDP (Gloo): each process writes and reads its own shard; the reading 2-process run ends with the weights of
+    the 2-process run that wrote the cache and of a 2-process run without one."""
+    import socket
+    import subprocess
+    import sys
+    from helpers import ROOT
+
+    def launch(experiment, *extra):
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+                   'train.py'] + BASE + SETUPS['tokens'] + [
+            '--distiller', 'hcd', '--teacher-pretrained', teachers['demo_resnet_student'], '--output', str(tmp_path),
+            '--experiment', experiment, *extra]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return torch.load(tmp_path / experiment / 'last.pth.tar', weights_only=True), result.stdout + result.stderr
+
+    cache = ['--teacher-cache', str(tmp_path / 'cache')]
+    live, _ = launch('live')
+    written, _ = launch('write', *cache)
+    read, log = launch('read', *cache)
+    assert 'epoch 1 read from the cache' in log
+    assert len(glob.glob(str(tmp_path / 'cache' / '*' / 'epoch0001.rank1of2.embedding.npy'))) == 1
+    assert_same_weights(live, written)
+    assert_same_weights(live, read)
+
+
+def test_sigkill_mid_epoch_with_the_cache_then_resume_auto_ends_as_the_uninterrupted_run(tmp_path, teachers):
+    """SIGKILL while epoch 1 is being written to the cache: its partial files are never taken as complete;
+    `--resume auto` writes epoch 1 again and ends with the weights of an uninterrupted run without a cache, and a
+    run reading the now complete cache ends the same."""
+    import signal
+    import sys
+    from helpers import run_command, sigkill_when_logged
+    args = ['train.py', '--dataset', 'fake', '--fake-samples', '96', '--img-size', '32', '--batch-size', '8',
+            '--workers', '2', '--model', 'demo_resnet_student', '--distiller', 'kd', '--teacher', 'demo_vit_teacher',
+            '--teacher-pretrained', teachers['demo_vit_teacher'], '--epochs', '2', '--lr', '0.05',
+            '--warmup-epochs', '1', '--log-interval', '1', '--output', str(tmp_path)]
+    cache = ['--teacher-cache', str(tmp_path / 'cache')]
+    run_command([sys.executable] + args + ['--experiment', 'full'])
+    log = tmp_path / 'killed' / 'log.txt'
+    status = sigkill_when_logged([sys.executable] + args + cache + ['--experiment', 'killed'], log, 'Train: 1 [ 4/12]')
+    assert status == -signal.SIGKILL
+    (folder,) = glob.glob(str(tmp_path / 'cache' / '*'))
+    assert os.path.exists(os.path.join(folder, 'epoch0000.logits.npy'))
+    assert not os.path.exists(os.path.join(folder, 'epoch0001.logits.npy'))  # partial: only its .tmp file
+    assert glob.glob(os.path.join(folder, 'epoch0001.logits.npy.tmp*'))
+    output = run_command([sys.executable] + args + cache + ['--experiment', 'killed', '--resume', 'auto'])
+    assert 'at epoch 1' in output and 'epoch 1 computed by the teacher and written to the cache' in output
+    output = run_command([sys.executable] + args + cache + ['--experiment', 'read'])
+    assert 'epoch 1 read from the cache' in output
+    full = torch.load(tmp_path / 'full' / 'last.pth.tar', weights_only=True)
+    for name in ('killed', 'read'):
+        assert_same_weights(full, torch.load(tmp_path / name / 'last.pth.tar', weights_only=True))

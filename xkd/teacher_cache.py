@@ -66,7 +66,7 @@ def fingerprint(images):
 class TeacherCache:
     """The cache folder of one key, serving or recording the teacher's outputs batch by batch."""
 
-    def __init__(self, root, manifest, fields, dtype, batch_size, steps_per_epoch):
+    def __init__(self, root, manifest, fields, dtype, batch_size, steps_per_epoch, rank=0, world_size=1):
         if not fields or any(field not in FIELDS for field in fields):
             raise ValueError(f'cached fields must be among {FIELDS}, got {fields}')
         self.fields = tuple(fields)
@@ -85,13 +85,19 @@ class TeacherCache:
         except OSError as e:
             raise UserError(f"--teacher-cache: cannot write '{self.folder}' ({type(e).__name__}: "
                             f"{e.strerror or e}); choose a folder you can write, or leave --teacher-cache out") from None
+        # Under DDP each process reads and writes its own rows (its shard of every batch) in files of its own.
+        self.shard = f'.rank{rank}of{world_size}' if world_size > 1 else ''
         self.epoch = self.step = None
         self.reading = False
         self.stored = {}
         self.recorded = {}
 
     def path(self, epoch, field, temporary=False):
-        return os.path.join(self.folder, f'epoch{epoch:04d}.{field}.npy' + ('.tmp' if temporary else ''))
+        """The file of one field of an epoch. The temporary name is the writing process's own, so two runs of
+        one key writing the same epoch at once never write into one file; each renames a whole file, and both
+        files hold the same bytes."""
+        name = f'epoch{epoch:04d}{self.shard}.{field}.npy'
+        return os.path.join(self.folder, name + (f'.tmp{os.getpid()}' if temporary else ''))
 
     def epoch_is_complete(self, epoch):
         return all(os.path.isfile(self.path(epoch, field)) for field in self.fields + ('fingerprint',))
@@ -187,14 +193,11 @@ class TeacherCache:
         self.recorded_steps = 0
 
 
-def open_for_run(args, distiller_class, teacher, num_train_images, steps_per_epoch, world_size):
+def open_for_run(args, distiller_class, teacher, num_train_images, steps_per_epoch, rank=0, world_size=1):
     """The cache of this run, or None (with one log line saying why) when the teacher must run live."""
     if teacher is None:
         _logger.info('--teacher-cache: this method has no teacher; nothing is cached')
         return None
-    if world_size > 1:
-        raise UserError(f'--teacher-cache serves one process for now ({world_size} were launched); leave it out '
-                        f'under several processes, or fill the cache with a one-process run first')
     fields = distiller_class.cached_teacher_fields(args)
     if fields is None:
         _logger.info(f"--teacher-cache: --distiller {args.distiller} reads the teacher's stage maps, which are not "
@@ -203,9 +206,10 @@ def open_for_run(args, distiller_class, teacher, num_train_images, steps_per_epo
     from custom_forward import embedding_dim
     manifest = key_manifest(args, teacher, num_train_images, steps_per_epoch)
     cache = TeacherCache(args.teacher_cache, manifest, fields, args.teacher_cache_dtype, args.batch_size,
-                         steps_per_epoch)
+                         steps_per_epoch, rank, world_size)
     per_epoch = cache.disk_bytes_per_epoch({'logits': args.num_classes, 'embedding': embedding_dim(teacher)})
+    processes = f' (each of {world_size} processes)' if world_size > 1 else ''
     _logger.info(f"Teacher cache {cache.folder} ({', '.join(fields)}, {args.teacher_cache_dtype}): "
                  f"{per_epoch / 2 ** 20:.1f} MiB per epoch, {per_epoch * args.epochs / 2 ** 30:.2f} GiB for "
-                 f"{args.epochs} epochs")
+                 f"{args.epochs} epochs{processes}")
     return cache
