@@ -48,3 +48,31 @@ def test_seeds_train_each_student_several_times_and_report_mean_and_std(monkeypa
 def test_one_seed_prints_the_value_itself():
     assert demo.mean_std([97.5]) == '97.50'
     assert demo.mean_std([97.0, 98.0, 96.0]) == '97.00 ± 1.00'
+
+
+def test_the_students_after_the_first_read_the_teachers_outputs_from_the_cache(monkeypatch, tmp_path, capsys,
+                                                                                 one_thread):
+    from test_teacher_cache import TeacherCalls
+
+    def run_in_process(argv, log_path):
+        start = time.time()
+        train.main(argv + ['--workers', '0'])
+        return time.time() - start
+
+    monkeypatch.setattr(demo, 'run_train', run_in_process)
+    monkeypatch.setattr(demo, 'draw_pictures', lambda output, run_dirs, teacher: [])
+    monkeypatch.setattr(demo, 'TEACHER_FILE', str(tmp_path / 'teacher.pth'))
+    calls = TeacherCalls(monkeypatch)
+    counts = {}
+    real = demo.run_train
+
+    def counted(argv, log_path):
+        before = calls.count
+        seconds = real(argv, log_path)
+        counts[argv[argv.index('--distiller') + 1]] = calls.count - before
+        return seconds
+    monkeypatch.setattr(demo, 'run_train', lambda argv, log_path: counted(argv, log_path) if '--distiller' in argv
+                        else real(argv, log_path))
+    demo.main(['--output', str(tmp_path / 'runs'), '--methods', 'kd', 'dkd', 'rsd', '--epochs', '1'])
+    assert counts['kd'] > 0 and counts['dkd'] == 0 and counts['rsd'] > 0  # rsd reads the embedding: kd wrote logits
+    assert os.path.isdir(tmp_path / 'runs' / 'teacher-cache')

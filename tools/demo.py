@@ -4,7 +4,9 @@
 1. A small ViT teacher (`demo_vit_teacher`) is trained from scratch on scikit-learn's handwritten digits
    (8x8, upsampled to 32 px, a fixed 70/30 split) and saved under pretrained/.
 2. A small CNN student (`demo_resnet_student`) is trained on a fixed subset of 300 training images, alone and
-   with every distiller that runs on this pair, each through train.py exactly as a real run.
+   with every distiller that runs on this pair, each through train.py exactly as a real run. The teacher's
+   outputs are computed once: the first distilled run writes them to OUTPUT/teacher-cache and the others read
+   them (`--no-teacher-cache` runs the teacher every time; the results are the same bits).
 3. A table: run, distiller, test top-1 (last epoch and best), wall time, run folder; a figure of the
    students' curves and a CKA map of the teacher's stages against the RSD student's.
 
@@ -114,6 +116,9 @@ def main(argv=None):
                         help="epochs of every run instead of the configs' (a quick check; the figures change)")
     parser.add_argument('--reuse-teacher', action='store_true',
                         help=f'use {TEACHER_FILE} if it exists instead of training the teacher again')
+    parser.add_argument('--no-teacher-cache', action='store_true',
+                        help="run the teacher in every student's run instead of reading its outputs from "
+                             "OUTPUT/teacher-cache, which the first distilled student writes")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         sys.exit(f'demo: --seeds must be at least 1, got {args.seeds}')
@@ -152,6 +157,9 @@ def main(argv=None):
     rows.append(('teacher (ViT, all 1258 train images)', '-', [last], [best], [seconds], teacher_dir))
     print(f'teacher: top-1 {last:.2f} in {seconds:.0f} s, saved to {TEACHER_FILE}', flush=True)
 
+    # The students share one teacher, recipe and seed: the first distilled run writes the teacher's outputs, the
+    # others read them (the teacher's weights are in the key, so a retrained teacher gets a new folder).
+    teacher_cache = [] if args.no_teacher_cache else ['--teacher-cache', os.path.join(output, 'teacher-cache')]
     seeds = [42 + i for i in range(args.seeds)]
     first_runs = {}
     for method in methods:
@@ -163,9 +171,9 @@ def main(argv=None):
             shutil.rmtree(run_dir, ignore_errors=True)
             label = method + (f' seed {seed}' if args.seeds > 1 else '')
             print(f'student: {label} ...', flush=True)
-            argv = ['--config', STUDENT_CONFIG, '--distiller', method, '--teacher-pretrained', teacher_file,
-                    '--output', output, '--experiment', experiment, '--seed', str(seed)] \
-                + METHOD_FLAGS.get(method, []) + epochs(STUDENT_CONFIG)
+            teacher_flags = [] if method == 'vanilla' else ['--teacher-pretrained', teacher_file] + teacher_cache
+            argv = ['--config', STUDENT_CONFIG, '--distiller', method, '--output', output, '--experiment', experiment,
+                    '--seed', str(seed)] + teacher_flags + METHOD_FLAGS.get(method, []) + epochs(STUDENT_CONFIG)
             seconds = run_train(argv, os.path.join(output, f'{experiment}.out'))
             last, best = read_summary(run_dir)
             results.append((last, best, seconds, run_dir))
