@@ -327,3 +327,24 @@ def test_sigkill_mid_epoch_with_the_cache_then_resume_auto_ends_as_the_uninterru
     full = torch.load(tmp_path / 'full' / 'last.pth.tar', weights_only=True)
     for name in ('killed', 'read'):
         assert_same_weights(full, torch.load(tmp_path / name / 'last.pth.tar', weights_only=True))
+
+
+def test_a_cache_filled_by_the_tool_serves_a_training_run(tmp_path, teachers, monkeypatch, capsys):
+    """tools/teacher_cache.py with a run's command line writes every epoch (logits and embedding) with no
+    student; the training run then calls the teacher zero times and ends as the run without a cache."""
+    sys_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
+    monkeypatch.syspath_prepend(sys_path)
+    import teacher_cache as fill_tool
+    live = run(tmp_path, 'tokens', 'crd', 'live', teachers)
+    command = BASE + SETUPS['tokens'] + ['--teacher-pretrained', teachers['demo_resnet_student'],
+                                         '--teacher-cache', str(tmp_path / 'cache')]
+    capsys.readouterr()
+    assert run_cli(fill_tool.main, command) == 0
+    out = capsys.readouterr().out
+    assert 'epoch 2/2 written' in out and 'MiB' in out
+    assert run_cli(fill_tool.main, command) == 0  # a second fill finds every epoch there
+    assert out.count('already in the cache') == 0 and 'epoch 1: already in the cache' in capsys.readouterr().out
+    calls = TeacherCalls(monkeypatch)
+    read = run(tmp_path, 'tokens', 'crd', 'read', teachers, '--teacher-cache', str(tmp_path / 'cache'))
+    assert calls.count == 0
+    assert_same_weights(live, read)

@@ -52,6 +52,12 @@ def key_manifest(args, teacher, num_train_images, steps_per_epoch):
     for name in KEY_ARGS:
         value = getattr(args, name, None)
         values[name] = list(value) if isinstance(value, tuple) else value
+    # The data configuration as resolved from the student's timm defaults (interpolation, crop, mean/std),
+    # which the flags above only override.
+    from .data import data_config, train_interpolation
+    config = data_config(args)
+    values['data_config'] = {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+    values['data_config']['train_interpolation'] = train_interpolation(args, config)
     values.update(teacher_weights=weights_digest(teacher), train_images=num_train_images,
                   steps_per_epoch=steps_per_epoch, torch=torch.__version__.split('+')[0])
     return values
