@@ -14,7 +14,6 @@ import sys
 
 import torch
 import yaml
-from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -138,11 +137,7 @@ def main(argv=None):
     if args.teacher_cache:
         distiller.teacher_cache = teacher_cache.open_for_run(args, distiller_class, teacher, len(train_set),
                                                              len(train_loader), env.rank, env.world_size)
-    mixup_fn = None
-    if mixup_active(args):
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=args.num_classes)
+    mixup_fn = engine.create_mixup(args)
 
     optimizer = create_optimizer_v2(distiller, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum,
@@ -207,10 +202,7 @@ def main(argv=None):
     last_checkpoint = resume_path
     try:
         for epoch in range(start_epoch, num_epochs):
-            # Every epoch's randomness depends only on (seed, epoch, rank), so a resumed run repeats it exactly.
-            seed_everything(args.seed + 1000 * epoch + env.rank)
-            train_loader.sampler.set_epoch(epoch)
-            train_loader.generator.manual_seed(args.seed + epoch)
+            engine.start_epoch(train_loader, epoch, args, env)
             lr = optimizer.param_groups[0]['lr']
             train_metrics = engine.train_one_epoch(epoch, model, distiller, train_loader, optimizer, scheduler,
                                                    args, env, mixup_fn, scaler, model_emas, recorder,

@@ -22,12 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import distillers  # noqa: E402
-from timm.data import Mixup  # noqa: E402
 from xkd import data, distributed, engine, models  # noqa: E402
-from xkd.config import check_args, mixup_active, parse_args  # noqa: E402
+from xkd.config import check_args, parse_args  # noqa: E402
 from xkd.errors import UserError  # noqa: E402
 from xkd.logger import setup_logging  # noqa: E402
-from xkd.run import resolve_amp_dtype, resolve_input_size, run_cli, seed_everything  # noqa: E402
+from xkd.run import resolve_amp_dtype, resolve_input_size, run_cli  # noqa: E402
 from xkd.teacher_cache import open_for_run  # noqa: E402
 
 _logger = logging.getLogger('teacher_cache')
@@ -62,30 +61,15 @@ def main(argv=None):
     train_loader, _ = data.create_loaders(args, train_set, val_set, env.device, env.rank, env.world_size)
     cache = open_for_run(args, Filler, teacher, len(train_set), len(train_loader), env.rank, env.world_size)
     filler.teacher_cache = cache
-    mixup_fn = None
-    if mixup_active(args):
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=args.num_classes)
+    mixup_fn = engine.create_mixup(args)
     start = time.time()
     for epoch in range(args.epochs):
         if cache.epoch_is_complete(epoch):
             _logger.info(f'epoch {epoch}: already in the cache')
             continue
-        # What train.py does at the start of an epoch, in its order: the batches come out the same.
-        seed_everything(args.seed + 1000 * epoch + env.rank)
-        train_loader.sampler.set_epoch(epoch)
-        train_loader.generator.manual_seed(args.seed + epoch)
-        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            mixup_fn.mixup_enabled = False
-        augmentation = engine.AugmentationRandomness(args.seed + 1000 * epoch + 500 + env.rank, env.device)
+        engine.start_epoch(train_loader, epoch, args, env)  # as train.py: the same batches come out
         cache.start_epoch(epoch)
-        for step, (images, targets, _) in enumerate(engine.batches_or_stop(train_loader, epoch, '', augmentation)):
-            if mixup_fn is not None:
-                with augmentation:
-                    images, targets = mixup_fn(images, targets)
-            if args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+        for step, (images, _, _) in enumerate(engine.training_batches(train_loader, epoch, args, env, mixup_fn)):
             cache.at_step(step)
             with engine.autocast_context(args, env.device):
                 filler.teacher_features(images)

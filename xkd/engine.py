@@ -13,11 +13,14 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
 from timm.utils import dispatch_clip_grad
 
+from .config import mixup_active
 from .data import DataLoadingError
 from .distributed import all_reduce_sum, check_replicas
 from .errors import UserError
+from .run import seed_everything
 
 _logger = logging.getLogger(__name__)
 
@@ -104,26 +107,31 @@ class AugmentationRandomness:
         return False
 
 
-def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args, env, mixup_fn=None,
-                    scaler=None, model_ema=None, recorder=None, last_checkpoint=''):
-    """One pass over `loader`; `model` is the distiller, wrapped by DDP when distributed.
+def create_mixup(args):
+    """timm's Mixup/CutMix from the flags, or None when both are off."""
+    if not mixup_active(args):
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=args.num_classes)
 
-    Returns the epoch's mean of each weighted loss term and of their sum, `loss`.
-    """
-    model.train()
+
+def start_epoch(loader, epoch, args, env):
+    """Seed an epoch as train.py does: its randomness depends only on (seed, epoch, rank), so a resumed run
+    repeats it exactly and tools/teacher_cache.py builds the same batches."""
+    seed_everything(args.seed + 1000 * epoch + env.rank)
+    loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(args.seed + epoch)
+
+
+def training_batches(loader, epoch, args, env, mixup_fn=None, last_checkpoint=''):
+    """The epoch's training batches as the student and the teacher see them: on the device, through mixup or
+    cutmix, in the memory format asked for; the batch-level augmentation draws from its own generators."""
     if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         mixup_fn.mixup_enabled = False  # the targets stay smoothed one-hot, as the reference's
-    steps = len(loader)
-    # Its own seed: not the training's (seed + 1000 epoch + rank, set by train.py), so the two streams differ.
+    # Its own seed: not the training's (seed + 1000 epoch + rank, start_epoch), so the two streams differ.
     augmentation = AugmentationRandomness(args.seed + 1000 * epoch + 500 + env.rank, env.device)
-    cache = distiller.teacher_cache
-    if cache is not None:
-        cache.start_epoch(epoch)
-    sums, count = {}, 0
-    interval_images, interval_start = 0, time.time()
-    epoch_start = time.time()
-    for step, (images, targets, indices) in enumerate(batches_or_stop(loader, epoch, last_checkpoint,
-                                                                       augmentation)):
+    for images, targets, indices in batches_or_stop(loader, epoch, last_checkpoint, augmentation):
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
         indices = indices.to(env.device, non_blocking=True)
@@ -132,7 +140,25 @@ def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args,
                 images, targets = mixup_fn(images, targets)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        yield images, targets, indices
 
+
+def train_one_epoch(epoch, model, distiller, loader, optimizer, scheduler, args, env, mixup_fn=None,
+                    scaler=None, model_ema=None, recorder=None, last_checkpoint=''):
+    """One pass over `loader`; `model` is the distiller, wrapped by DDP when distributed.
+
+    Returns the epoch's mean of each weighted loss term and of their sum, `loss`.
+    """
+    model.train()
+    steps = len(loader)
+    cache = distiller.teacher_cache
+    if cache is not None:
+        cache.start_epoch(epoch)
+    sums, count = {}, 0
+    interval_images, interval_start = 0, time.time()
+    epoch_start = time.time()
+    for step, (images, targets, indices) in enumerate(training_batches(loader, epoch, args, env, mixup_fn,
+                                                                       last_checkpoint)):
         if cache is not None:
             cache.at_step(step)
         loss, losses = train_step(model, distiller, images, targets, epoch, optimizer, args, env, scaler, indices)
