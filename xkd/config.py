@@ -369,9 +369,10 @@ def command_line_warnings(args, argv):
                             f'never reads the teacher; add --distiller (kd, ofa, rsd, ...; the OFA-KD default was '
                             f'ofa) or leave out the teacher flags')
         warnings.append(f'{flags} has no effect with --distiller {args.distiller}, which trains the student alone')
-    own = distiller_flags(args.distiller)
+    flags_of = {name: distiller_flags(name) for name in distillers.distiller_names()}
+    own = flags_of[args.distiller]
     for dest in sorted(given):
-        owners = [name for name in distillers.distiller_names() if name != args.distiller and dest in distiller_flags(name)]
+        owners = [name for name, flags in flags_of.items() if name != args.distiller and dest in flags]
         unread = dest in SHARED_METHOD_FLAGS and dest not in method.reads_shared_flags
         if not (owners or unread):
             continue
@@ -403,10 +404,6 @@ def check_ranges(args):
         value = getattr(args, dest, None)
         if value is not None and not 0 <= value <= 1:
             raise UserError(f'{flag(dest)} is a probability, in [0, 1]; got {value}')
-    for dest in ('min_lr', 'warmup_lr', 'color_jitter', 'momentum'):
-        value = getattr(args, dest)
-        if value is not None and value < 0:
-            raise UserError(f'{flag(dest)} must not be negative, got {value}')
     if args.momentum is not None and args.momentum >= 1:
         raise UserError(f'--momentum {args.momentum} is not below 1: SGD would diverge; the recipes use 0.9')
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
@@ -474,7 +471,9 @@ def check_args(args):
     non_negative = {'lr': args.lr, 'weight_decay': args.weight_decay, 'warmup_epochs': args.warmup_epochs,
                     'smoothing': args.smoothing, 'mixup': args.mixup, 'cutmix': args.cutmix,
                     'reprob': args.reprob, 'workers': args.workers, 'train_subset': args.train_subset,
-                    'gt_loss_weight': args.gt_loss_weight, 'kd_loss_weight': args.kd_loss_weight}
+                    'gt_loss_weight': args.gt_loss_weight, 'kd_loss_weight': args.kd_loss_weight,
+                    'min_lr': args.min_lr, 'warmup_lr': args.warmup_lr, 'color_jitter': args.color_jitter,
+                    'momentum': args.momentum}
     for name, value in non_negative.items():
         if value is not None and value < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")

@@ -76,9 +76,7 @@ class AugmentationRandomness:
 
     def __init__(self, seed, device):
         saved = self._states(device)
-        random.seed(seed)
-        np.random.seed(seed % 2 ** 32)
-        torch.manual_seed(seed)
+        seed_everything(seed)
         self.device = device
         self.state = self._states(device)
         self._restore(saved)

@@ -97,6 +97,7 @@ class TeacherCache:
         self.reading = False
         self.stored = {}
         self.recorded = {}
+        self.recorded_steps = 0
 
     def path(self, epoch, field, temporary=False):
         """The file of one field of an epoch. The temporary name is the writing process's own, so two runs of
@@ -116,7 +117,7 @@ class TeacherCache:
     def start_epoch(self, epoch):
         self.epoch, self.step = epoch, None
         self.reading = self.epoch_is_complete(epoch)
-        self.stored, self.recorded = {}, {}
+        self.stored, self.recorded, self.recorded_steps = {}, {}, 0
         if self.reading:
             for field in self.fields + ('fingerprint',):
                 self.stored[field] = self._open(self.path(epoch, field), field)
@@ -187,11 +188,9 @@ class TeacherCache:
 
     def end_epoch(self):
         """Make a fully recorded epoch visible to readers (rename), and let go of the files."""
-        complete = (not self.reading and 'fingerprint' in self.recorded
-                    and getattr(self, 'recorded_steps', 0) == self.steps)
-        for field, array in self.recorded.items():
+        complete = not self.reading and 'fingerprint' in self.recorded and self.recorded_steps == self.steps
+        for array in self.recorded.values():
             array.flush()
-            del array
         if complete:
             for field in self.fields + ('fingerprint',):
                 os.replace(self.path(self.epoch, field, True), self.path(self.epoch, field))
